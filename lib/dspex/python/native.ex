@@ -1,0 +1,74 @@
+defmodule DSPex.Python.Native do
+  # The NIF boundary. Every function here is replaced by its Rust twin when the library
+  # loads; the Elixir bodies only run when it did not, and then say why.
+  @moduledoc false
+
+  @on_load :load_nif
+  @library "libdspex_process_nif"
+
+  @doc false
+  def load_nif do
+    path = library_path()
+
+    case :erlang.load_nif(String.to_charlist(path), 0) do
+      :ok ->
+        :ok
+
+      {:error, {reason, text}} ->
+        message =
+          "could not load the dspex_process NIF from #{path}.so " <>
+            "(#{reason}: #{text}). Compile the project with `mix compile` " <>
+            "(it needs cargo), or set config :dspex_process, :nif_path to the library path " <>
+            "without its .so suffix."
+
+        :persistent_term.put({__MODULE__, :load_error}, message)
+        :logger.error(~c"dspex_process: ~ts", [message])
+        # Load the module anyway so callers get this message instead of an
+        # UndefinedFunctionError.
+        :ok
+    end
+  end
+
+  @doc false
+  def library_path do
+    case Application.get_env(:dspex_process, :nif_path) do
+      nil -> Path.join([priv_dir(), "native", @library])
+      path -> path
+    end
+  end
+
+  defp priv_dir do
+    case :code.priv_dir(:dspex_process) do
+      {:error, :bad_name} -> Path.expand("../../../priv", __DIR__)
+      dir -> List.to_string(dir)
+    end
+  end
+
+  @doc false
+  def load_error, do: :persistent_term.get({__MODULE__, :load_error}, nil)
+
+  defp not_loaded do
+    raise DSPex.Python.NifNotLoadedError,
+      message: load_error() || "the dspex_process NIF is not loaded"
+  end
+
+  # Registry
+  def registry_new, do: not_loaded()
+
+  def registry_register(_registry, _worker_id, _elixir_pid, _python_pid, _fingerprint),
+    do: not_loaded()
+
+  def registry_unregister(_registry, _worker_id), do: not_loaded()
+  def registry_get(_registry, _worker_id), do: not_loaded()
+  def registry_list(_registry), do: not_loaded()
+  def registry_by_fingerprint(_registry, _fingerprint), do: not_loaded()
+  def registry_active_python_pids(_registry), do: not_loaded()
+  def registry_dead_workers(_registry), do: not_loaded()
+  def registry_remove_dead(_registry), do: not_loaded()
+  def registry_stats(_registry), do: not_loaded()
+end
+
+defmodule DSPex.Python.NifNotLoadedError do
+  @moduledoc "Raised when a function needs the native library and it failed to load."
+  defexception [:message]
+end

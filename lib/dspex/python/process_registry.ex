@@ -1,0 +1,302 @@
+defmodule DSPex.Python.ProcessRegistry do
+  @moduledoc """
+  Maps each worker to its Elixir process and its OS (Python) process.
+
+  The entries live in native memory (a concurrent hash map inside a NIF resource), not in
+  this GenServer and not in ETS. The resource is kept in `:persistent_term` under the
+  registry's name, so a crash and restart of the registry process loses no registration.
+
+  Each entry records the Python process by **pid and start time** (read from
+  `/proc/PID/stat` when the worker registers), so a recycled pid can never pass for the
+  process that was registered.
+
+  When a worker's Elixir process exits, its entries leave the registry at once: the
+  resource monitors every registered Elixir pid. A periodic sweep (`:cleanup_interval`)
+  remains as a safety net and logs whatever it removes.
+
+  ## Starting
+
+  The `:dspex_process` application starts a registry named `DSPex.Python.ProcessRegistry`
+  unless configured otherwise:
+
+      config :dspex_process, start_registry: false
+
+  To run it in your own supervision tree instead:
+
+      children = [
+        DSPex.Python.ProcessRegistry,
+        # or with options:
+        # {DSPex.Python.ProcessRegistry, name: MyApp.Workers, cleanup_interval: 10_000}
+      ]
+
+  ## Options
+
+    * `:name` - the name to register under (an atom). Every function takes the name as
+      its last, optional argument. Default: `DSPex.Python.ProcessRegistry`.
+    * `:cleanup_interval` - milliseconds between safety-net sweeps of dead workers, a
+      positive integer or `:infinity`. Default: `30_000`.
+
+  Calls work directly against the native table (they do not go through the GenServer), so
+  they stay fast under load and keep working while the registry process restarts.
+  """
+
+  use GenServer
+  require Logger
+
+  alias DSPex.Python.Native
+
+  @default_name __MODULE__
+  @default_interval 30_000
+
+  @typedoc "The name a registry runs under."
+  @type registry :: atom()
+
+  @typedoc "Any term: a string, atom, integer, tuple..."
+  @type worker_id :: term()
+
+  @type worker_info :: %{
+          elixir_pid: pid(),
+          python_pid: pos_integer() | nil,
+          python_start_time: non_neg_integer() | nil,
+          fingerprint: String.t(),
+          registered_at: integer()
+        }
+
+  @type stats :: %{
+          total_registered: non_neg_integer(),
+          alive_workers: non_neg_integer(),
+          dead_workers: non_neg_integer(),
+          active_python_pids: non_neg_integer()
+        }
+
+  defmodule NotRunningError do
+    @moduledoc "Raised when a registry function is called and no such registry was started."
+    defexception [:name]
+
+    @impl true
+    def message(%{name: name}) do
+      "no DSPex.Python.ProcessRegistry named #{inspect(name)} is running. " <>
+        "Add `#{inspect(DSPex.Python.ProcessRegistry)}` (or " <>
+        "`{DSPex.Python.ProcessRegistry, name: #{inspect(name)}}`) to your supervision " <>
+        "tree, or start it with DSPex.Python.ProcessRegistry.start_link(name: " <>
+        "#{inspect(name)}). The :dspex_process application starts the default one unless " <>
+        "`config :dspex_process, start_registry: false` is set."
+    end
+  end
+
+  @doc """
+  A child spec; the id is the module for the default name and `{module, name}` otherwise,
+  so several registries can share a supervisor.
+  """
+  @spec child_spec(keyword()) :: Supervisor.child_spec()
+  def child_spec(opts) do
+    name = Keyword.get(opts, :name, @default_name)
+    id = if name == @default_name, do: __MODULE__, else: {__MODULE__, name}
+    %{id: id, start: {__MODULE__, :start_link, [opts]}, type: :worker}
+  end
+
+  @doc """
+  Starts a registry. See the module documentation for the options; invalid options raise
+  `ArgumentError`.
+  """
+  @spec start_link(keyword()) :: GenServer.on_start()
+  def start_link(opts \\ []) do
+    opts = validate_options!(opts)
+    GenServer.start_link(__MODULE__, opts, name: opts[:name])
+  end
+
+  @doc """
+  Registers a worker. Re-registering an id replaces its entry.
+
+  `python_pid` is the OS pid of the worker's process (`Port.info(port, :os_pid)`), or `nil`
+  when unknown. Its start time is read now; `{:error, :no_such_process}` if it does not
+  exist. Raises `ArgumentError` for a non-local or non-pid `elixir_pid`, a `python_pid` that
+  is not an integer greater than 1, the BEAM's own OS pid, or a non-binary fingerprint.
+  """
+  @spec register_worker(worker_id(), pid(), pos_integer() | nil, String.t(), registry()) ::
+          :ok | {:error, :no_such_process | :permission_denied | :proc_read_failed}
+  def register_worker(worker_id, elixir_pid, python_pid, fingerprint, registry \\ @default_name) do
+    check_elixir_pid!(elixir_pid)
+    check_python_pid!(python_pid)
+    check_fingerprint!(fingerprint)
+    Native.registry_register(resource!(registry), worker_id, elixir_pid, python_pid, fingerprint)
+  end
+
+  @doc "Removes a worker's entry. Unknown ids are fine."
+  @spec unregister_worker(worker_id(), registry()) :: :ok
+  def unregister_worker(worker_id, registry \\ @default_name) do
+    Native.registry_unregister(resource!(registry), worker_id)
+  end
+
+  @doc "The entry of one worker."
+  @spec get_worker_info(worker_id(), registry()) :: {:ok, worker_info()} | {:error, :not_found}
+  def get_worker_info(worker_id, registry \\ @default_name) do
+    Native.registry_get(resource!(registry), worker_id)
+  end
+
+  @doc "Every entry, as `{worker_id, info}` pairs, in no particular order."
+  @spec list_all_workers(registry()) :: [{worker_id(), worker_info()}]
+  def list_all_workers(registry \\ @default_name) do
+    Native.registry_list(resource!(registry))
+  end
+
+  @doc "The entries whose fingerprint is `fingerprint`."
+  @spec get_workers_by_fingerprint(String.t(), registry()) :: [{worker_id(), worker_info()}]
+  def get_workers_by_fingerprint(fingerprint, registry \\ @default_name) do
+    check_fingerprint!(fingerprint)
+    Native.registry_by_fingerprint(resource!(registry), fingerprint)
+  end
+
+  @doc """
+  The OS pids of workers whose Elixir process is alive; entries without a pid are skipped.
+  """
+  @spec get_active_python_pids(registry()) :: [pos_integer()]
+  def get_active_python_pids(registry \\ @default_name) do
+    Native.registry_active_python_pids(resource!(registry))
+  end
+
+  @doc """
+  The entries whose Elixir process is dead (normally none: a dead worker leaves at once;
+  an entry registered for an already-dead process stays until a sweep).
+  """
+  @spec validate_workers(registry()) :: [{worker_id(), worker_info()}]
+  def validate_workers(registry \\ @default_name) do
+    Native.registry_dead_workers(resource!(registry))
+  end
+
+  @doc "Removes the entries whose Elixir process is dead; returns how many it removed."
+  @spec cleanup_dead_workers(registry()) :: non_neg_integer()
+  def cleanup_dead_workers(registry \\ @default_name) do
+    registry |> remove_dead() |> length()
+  end
+
+  @doc "Counts of registered, alive and dead workers and of active Python pids."
+  @spec get_stats(registry()) :: stats()
+  def get_stats(registry \\ @default_name) do
+    Native.registry_stats(resource!(registry))
+  end
+
+  @doc false
+  # The native resource, for the other modules of this library.
+  @spec resource!(registry()) :: reference()
+  def resource!(registry) when is_atom(registry) do
+    case :persistent_term.get(storage_key(registry), nil) do
+      nil -> raise NotRunningError, name: registry
+      resource -> resource
+    end
+  end
+
+  def resource!(registry) do
+    raise ArgumentError, "a registry is named by an atom, got: #{inspect(registry)}"
+  end
+
+  # GenServer
+
+  @impl true
+  def init(opts) do
+    Process.flag(:trap_exit, true)
+    key = storage_key(opts[:name])
+
+    if :persistent_term.get(key, nil) == nil do
+      :persistent_term.put(key, Native.registry_new())
+    end
+
+    state = %{name: opts[:name], interval: opts[:cleanup_interval]}
+    schedule_sweep(state)
+    {:ok, state}
+  end
+
+  @impl true
+  def handle_info(:sweep, state) do
+    remove_dead(state.name)
+    schedule_sweep(state)
+    {:noreply, state}
+  end
+
+  def handle_info(_message, state), do: {:noreply, state}
+
+  @impl true
+  def terminate(reason, state) do
+    # Stopped on purpose: the registrations go with it. After a crash they stay, for the
+    # restarted process to pick up.
+    if reason in [:normal, :shutdown] or match?({:shutdown, _}, reason) do
+      :persistent_term.erase(storage_key(state.name))
+    end
+
+    :ok
+  end
+
+  defp remove_dead(registry) do
+    removed = Native.registry_remove_dead(resource!(registry))
+
+    if removed != [] do
+      Logger.info(
+        "DSPex.Python.ProcessRegistry #{inspect(registry)} removed #{length(removed)} dead " <>
+          "worker(s): #{inspect(removed)}"
+      )
+    end
+
+    removed
+  end
+
+  defp schedule_sweep(%{interval: :infinity}), do: :ok
+  defp schedule_sweep(%{interval: ms}), do: Process.send_after(self(), :sweep, ms)
+
+  defp storage_key(name), do: {__MODULE__, name}
+
+  defp validate_options!(opts) do
+    unless Keyword.keyword?(opts) do
+      raise ArgumentError, "ProcessRegistry options must be a keyword list, got: #{inspect(opts)}"
+    end
+
+    opts = Keyword.validate!(opts, name: @default_name, cleanup_interval: @default_interval)
+
+    case opts[:name] do
+      name when is_atom(name) and name not in [nil, true, false] -> :ok
+      other -> raise ArgumentError, "invalid :name #{inspect(other)}, expected an atom"
+    end
+
+    case opts[:cleanup_interval] do
+      :infinity ->
+        :ok
+
+      ms when is_integer(ms) and ms > 0 ->
+        :ok
+
+      other ->
+        raise ArgumentError,
+              "invalid :cleanup_interval #{inspect(other)}, expected a positive integer (ms) or :infinity"
+    end
+
+    opts
+  end
+
+  defp check_elixir_pid!(pid) when is_pid(pid) and node(pid) == node(), do: :ok
+
+  defp check_elixir_pid!(other) do
+    raise ArgumentError,
+          "elixir_pid must be a local pid, got: #{inspect(other)}"
+  end
+
+  defp check_python_pid!(nil), do: :ok
+
+  # Linux pids fit in 31 bits (pid_max <= 2^22); anything larger is not a process.
+  defp check_python_pid!(pid) when is_integer(pid) and pid > 1 and pid <= 0x7FFFFFFF do
+    if Integer.to_string(pid) == System.pid() do
+      raise ArgumentError, "python_pid #{pid} is this BEAM's own OS pid"
+    end
+
+    :ok
+  end
+
+  defp check_python_pid!(other) do
+    raise ArgumentError,
+          "python_pid must be nil or an integer from 2 to 2^31-1, got: #{inspect(other)}"
+  end
+
+  defp check_fingerprint!(fp) when is_binary(fp), do: :ok
+
+  defp check_fingerprint!(other) do
+    raise ArgumentError, "fingerprint must be a string, got: #{inspect(other)}"
+  end
+end

@@ -1,0 +1,47 @@
+use thiserror::Error;
+
+/// Errors of the core. Each variant maps to one `{:error, reason}` atom on the Elixir side.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The pid is not a valid target: zero, negative, 1 (init) or beyond the kernel's range.
+    #[error("invalid pid {0}: a process id must be an integer greater than 1")]
+    InvalidPid(i64),
+    /// No process has this pid (or it exited while we read it).
+    #[error("no such process: {0}")]
+    NoSuchProcess(i32),
+    /// `/proc/PID/...` exists but we may not read it (another user's process).
+    #[error("permission denied reading /proc/{0}")]
+    PermissionDenied(i32),
+    /// Anything else the kernel said while reading `/proc`.
+    #[error("reading /proc/{pid} failed: {message}")]
+    Proc { pid: i32, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Maps a procfs error for `pid` onto ours: "not found" and ESRCH both mean the process
+    /// is gone, which callers treat differently from a real I/O failure.
+    pub(crate) fn from_proc(pid: i32, err: procfs::ProcError) -> Error {
+        use procfs::ProcError as P;
+        match err {
+            P::NotFound(_) => Error::NoSuchProcess(pid),
+            P::PermissionDenied(_) => Error::PermissionDenied(pid),
+            P::Io(io, _) if io.raw_os_error() == Some(libc::ESRCH) => Error::NoSuchProcess(pid),
+            other => Error::Proc {
+                pid,
+                message: other.to_string(),
+            },
+        }
+    }
+
+    /// A short machine-readable name, used as the Elixir error atom.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidPid(_) => "invalid_pid",
+            Error::NoSuchProcess(_) => "no_such_process",
+            Error::PermissionDenied(_) => "permission_denied",
+            Error::Proc { .. } => "proc_read_failed",
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Pure Rust core of `dspex_process`.
+//!
+//! Nothing here knows about the BEAM: the NIF crate converts terms and calls in, the CLI
+//! calls in directly. The split follows procfs (pure core, thin I/O callers).
+//!
+//! - [`Pid`] and [`ProcessIdentity`]: a process is its pid *and* its start time, so a
+//!   recycled pid is never mistaken for the process that had it before.
+//! - [`ProcessFacts`]: one process's facts read from `/proc` (start time, state, ppid,
+//!   pgid, uid, argv).
+//! - [`Registry`]: the concurrent worker registry, generic over the key, the owner handle
+//!   and the monitor handle, so the NIF can back it with Erlang terms and pids.
+
+mod error;
+mod identity;
+mod proc_facts;
+mod registry;
+
+pub use error::{Error, Result};
+pub use identity::{Pid, ProcessIdentity};
+pub use proc_facts::{ProcessFacts, ProcessState};
+pub use registry::{Registry, RegistryStats, WorkerEntry};

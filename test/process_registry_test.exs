@@ -1,0 +1,293 @@
+defmodule DSPex.Python.ProcessRegistryTest do
+  use ExUnit.Case, async: true
+
+  import ExUnit.CaptureLog
+  import DSPex.Test.OSProcess
+
+  alias DSPex.Python.ProcessRegistry
+
+  setup do
+    name = unique_name(:registry)
+    pid = start_supervised!({ProcessRegistry, name: name, cleanup_interval: :infinity})
+    %{reg: name, server: pid}
+  end
+
+  describe "registering a real python process" do
+    test "records pid and start time; reads back; stats", %{reg: reg} do
+      {port, os_pid} = start_python()
+      assert :ok = ProcessRegistry.register_worker("w1", self(), os_pid, "fp-1", reg)
+
+      assert {:ok, info} = ProcessRegistry.get_worker_info("w1", reg)
+      assert info.elixir_pid == self()
+      assert info.python_pid == os_pid
+      assert info.python_start_time == start_time(os_pid)
+      assert info.fingerprint == "fp-1"
+      assert abs(info.registered_at - System.os_time(:second)) <= 2
+
+      assert ProcessRegistry.get_stats(reg) == %{
+               total_registered: 1,
+               alive_workers: 1,
+               dead_workers: 0,
+               active_python_pids: 1
+             }
+
+      assert ProcessRegistry.get_active_python_pids(reg) == [os_pid]
+      assert [{"w1", ^info}] = ProcessRegistry.list_all_workers(reg)
+      assert [{"w1", ^info}] = ProcessRegistry.get_workers_by_fingerprint("fp-1", reg)
+      assert [] = ProcessRegistry.get_workers_by_fingerprint("other", reg)
+      Port.close(port)
+    end
+
+    test "nil python pid is allowed and filtered from active pids", %{reg: reg} do
+      assert :ok = ProcessRegistry.register_worker(:no_pid, self(), nil, "fp", reg)
+
+      assert {:ok, %{python_pid: nil, python_start_time: nil}} =
+               ProcessRegistry.get_worker_info(:no_pid, reg)
+
+      assert ProcessRegistry.get_active_python_pids(reg) == []
+
+      assert %{total_registered: 1, alive_workers: 1, active_python_pids: 0} =
+               ProcessRegistry.get_stats(reg)
+    end
+
+    test "worker ids may be any term; re-registering replaces", %{reg: reg} do
+      {port, os_pid} = start_python()
+      ids = ["s", :a, 42, {:pool, 1}, %{k: [1, 2]}, 1.5, <<0, 255>>]
+
+      for id <- ids, do: assert(:ok = ProcessRegistry.register_worker(id, self(), nil, "x", reg))
+
+      for id <- ids, do: assert({:ok, _} = ProcessRegistry.get_worker_info(id, reg))
+
+      assert Enum.sort(Enum.map(ProcessRegistry.list_all_workers(reg), &elem(&1, 0))) ==
+               Enum.sort(ids)
+
+      assert :ok = ProcessRegistry.register_worker({:pool, 1}, self(), os_pid, "y", reg)
+
+      assert {:ok, %{python_pid: ^os_pid, fingerprint: "y"}} =
+               ProcessRegistry.get_worker_info({:pool, 1}, reg)
+
+      assert length(ProcessRegistry.list_all_workers(reg)) == length(ids)
+
+      for id <- ids, do: assert(:ok = ProcessRegistry.unregister_worker(id, reg))
+      assert ProcessRegistry.list_all_workers(reg) == []
+      assert :ok = ProcessRegistry.unregister_worker("never registered", reg)
+      assert {:error, :not_found} = ProcessRegistry.get_worker_info("never registered", reg)
+      Port.close(port)
+    end
+
+    test "a python pid that does not exist is an error", %{reg: reg} do
+      {port, os_pid} = start_python()
+      Port.close(port)
+      assert eventually(fn -> not File.exists?("/proc/#{os_pid}") end)
+
+      assert {:error, :no_such_process} =
+               ProcessRegistry.register_worker("gone", self(), os_pid, "fp", reg)
+
+      assert {:error, :not_found} = ProcessRegistry.get_worker_info("gone", reg)
+    end
+  end
+
+  describe "dead workers" do
+    test "a killed worker leaves at once, without the sweep", %{reg: reg} do
+      {port, os_pid} = start_python()
+      worker = spawn(fn -> Process.sleep(:infinity) end)
+      :ok = ProcessRegistry.register_worker("w", worker, os_pid, "fp", reg)
+      :ok = ProcessRegistry.register_worker("other", self(), nil, "fp", reg)
+
+      Process.exit(worker, :kill)
+
+      assert eventually(fn ->
+               ProcessRegistry.get_worker_info("w", reg) == {:error, :not_found}
+             end)
+
+      assert [{"other", _}] = ProcessRegistry.list_all_workers(reg)
+      Port.close(port)
+    end
+
+    test "one process owning several workers takes them all with it", %{reg: reg} do
+      parent = self()
+
+      owner =
+        spawn(fn ->
+          for i <- 1..5, do: :ok = ProcessRegistry.register_worker({:w, i}, self(), nil, "f", reg)
+          send(parent, :registered)
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive :registered
+      assert length(ProcessRegistry.list_all_workers(reg)) == 5
+      Process.exit(owner, :kill)
+      assert eventually(fn -> ProcessRegistry.list_all_workers(reg) == [] end)
+    end
+
+    test "an entry registered for an already-dead pid is swept and logged", %{reg: reg} do
+      dead = dead_pid()
+      :ok = ProcessRegistry.register_worker("zombie-entry", dead, nil, "fp", reg)
+      :ok = ProcessRegistry.register_worker("live", self(), nil, "fp", reg)
+
+      assert [{"zombie-entry", %{elixir_pid: ^dead}}] = ProcessRegistry.validate_workers(reg)
+      assert %{dead_workers: 1, alive_workers: 1} = ProcessRegistry.get_stats(reg)
+
+      log = capture_log(fn -> assert ProcessRegistry.cleanup_dead_workers(reg) == 1 end)
+      assert log =~ "removed 1 dead worker"
+      assert log =~ "zombie-entry"
+      assert ProcessRegistry.validate_workers(reg) == []
+      assert ProcessRegistry.cleanup_dead_workers(reg) == 0
+      assert [{"live", _}] = ProcessRegistry.list_all_workers(reg)
+    end
+
+    test "the periodic sweep removes dead entries by itself" do
+      name = unique_name(:swept)
+      start_supervised!({ProcessRegistry, name: name, cleanup_interval: 20}, id: :swept)
+      dead = dead_pid()
+
+      log =
+        capture_log(fn ->
+          :ok = ProcessRegistry.register_worker("dead", dead, nil, "fp", name)
+          assert eventually(fn -> ProcessRegistry.list_all_workers(name) == [] end)
+          Process.sleep(50)
+        end)
+
+      assert log =~ "removed 1 dead worker"
+    end
+  end
+
+  describe "restarts" do
+    test "killing the registry process loses no registration", %{reg: reg, server: server} do
+      {port, os_pid} = start_python()
+      :ok = ProcessRegistry.register_worker("w1", self(), os_pid, "fp1", reg)
+      :ok = ProcessRegistry.register_worker("w2", self(), nil, "fp2", reg)
+      before = Enum.sort(ProcessRegistry.list_all_workers(reg))
+
+      ref = Process.monitor(server)
+      Process.exit(server, :kill)
+      assert_receive {:DOWN, ^ref, :process, ^server, :killed}
+      assert eventually(fn -> is_pid(Process.whereis(reg)) and Process.whereis(reg) != server end)
+
+      assert Enum.sort(ProcessRegistry.list_all_workers(reg)) == before
+      assert ProcessRegistry.get_active_python_pids(reg) == [os_pid]
+
+      # Monitoring survives the restart too.
+      worker = spawn(fn -> Process.sleep(:infinity) end)
+      :ok = ProcessRegistry.register_worker("w3", worker, nil, "fp3", reg)
+      Process.exit(worker, :kill)
+
+      assert eventually(fn ->
+               ProcessRegistry.get_worker_info("w3", reg) == {:error, :not_found}
+             end)
+
+      Port.close(port)
+    end
+
+    test "a registry stopped on purpose forgets, and says how to start one", %{reg: reg} do
+      :ok = ProcessRegistry.register_worker("w", self(), nil, "fp", reg)
+      :ok = stop_supervised(ProcessRegistry |> then(&{&1, reg}))
+
+      error =
+        assert_raise ProcessRegistry.NotRunningError, fn -> ProcessRegistry.get_stats(reg) end
+
+      assert Exception.message(error) =~ "supervision tree"
+      assert Exception.message(error) =~ inspect(reg)
+    end
+  end
+
+  test "100 processes register and unregister concurrently", %{reg: reg} do
+    parent = self()
+
+    tasks =
+      for t <- 1..100 do
+        spawn_link(fn ->
+          for i <- 1..60 do
+            id = {t, rem(i, 7)}
+
+            if rem(i, 3) == 0,
+              do: :ok = ProcessRegistry.unregister_worker(id, reg),
+              else: :ok = ProcessRegistry.register_worker(id, self(), nil, "fp#{t}", reg)
+          end
+
+          # Leave a known state: ids {t, 0..3} registered, the rest removed.
+          for k <- 0..6 do
+            if k < 4,
+              do: :ok = ProcessRegistry.register_worker({t, k}, self(), nil, "fp#{t}", reg),
+              else: :ok = ProcessRegistry.unregister_worker({t, k}, reg)
+          end
+
+          send(parent, {:done, t})
+          receive do: (:stop -> :ok)
+        end)
+      end
+
+    for t <- 1..100, do: assert_receive({:done, ^t}, 10_000)
+
+    assert %{total_registered: 400, alive_workers: 400, dead_workers: 0} =
+             ProcessRegistry.get_stats(reg)
+
+    assert length(ProcessRegistry.get_workers_by_fingerprint("fp42", reg)) == 4
+
+    for pid <- tasks, do: send(pid, :stop)
+    assert eventually(fn -> ProcessRegistry.get_stats(reg).total_registered == 0 end)
+  end
+
+  describe "bad input" do
+    test "raises ArgumentError and leaves the registry unchanged", %{reg: reg} do
+      {port, os_pid} = start_python()
+      :ok = ProcessRegistry.register_worker("keep", self(), os_pid, "fp", reg)
+      before = ProcessRegistry.list_all_workers(reg)
+      own = String.to_integer(System.pid())
+
+      bad = [
+        {"w", self(), 0, "fp"},
+        {"w", self(), -1, "fp"},
+        {"w", self(), 1, "fp"},
+        {"w", self(), own, "fp"},
+        {"w", self(), "123", "fp"},
+        {"w", self(), 1.5, "fp"},
+        {"w", self(), 2 ** 80, "fp"},
+        {"w", :not_a_pid, os_pid, "fp"},
+        {"w", nil, os_pid, "fp"},
+        {"w", self(), os_pid, :fp},
+        {"w", self(), os_pid, nil},
+        {"keep", self(), -5, "fp"}
+      ]
+
+      for {id, epid, ppid, fp} <- bad do
+        assert_raise ArgumentError, fn ->
+          ProcessRegistry.register_worker(id, epid, ppid, fp, reg)
+        end
+      end
+
+      assert ProcessRegistry.list_all_workers(reg) == before
+      assert_raise ArgumentError, fn -> ProcessRegistry.get_workers_by_fingerprint(1, reg) end
+      assert_raise ArgumentError, fn -> ProcessRegistry.get_stats("not an atom") end
+      Port.close(port)
+    end
+
+    test "pids the kernel cannot have are refused before reaching the NIF", %{reg: reg} do
+      for pid <- [2 ** 31, 2 ** 40, 2 ** 64 + 7] do
+        assert_raise ArgumentError, ~r/2\^31-1/, fn ->
+          ProcessRegistry.register_worker("w", self(), pid, "fp", reg)
+        end
+      end
+
+      assert ProcessRegistry.list_all_workers(reg) == []
+    end
+
+    test "options are validated" do
+      assert_raise ArgumentError, ~r/unknown keys \[:bogus\]/, fn ->
+        ProcessRegistry.start_link(bogus: 1)
+      end
+
+      assert_raise ArgumentError, ~r/cleanup_interval 0/, fn ->
+        ProcessRegistry.start_link(cleanup_interval: 0)
+      end
+
+      assert_raise ArgumentError, ~r/:name "x"/, fn -> ProcessRegistry.start_link(name: "x") end
+      assert_raise ArgumentError, ~r/keyword list/, fn -> ProcessRegistry.start_link(:oops) end
+    end
+  end
+
+  test "the application starts the default registry" do
+    assert is_pid(Process.whereis(ProcessRegistry))
+    assert %{total_registered: _} = ProcessRegistry.get_stats()
+  end
+end
