@@ -66,6 +66,16 @@ defmodule DSPex.Python.Native do
   def registry_dead_workers(_registry), do: not_loaded()
   def registry_remove_dead(_registry), do: not_loaded()
   def registry_stats(_registry), do: not_loaded()
+
+  # Detection and termination (dirty I/O schedulers)
+  def detect(_registry_or_nil, _patterns, _min_age_ms), do: not_loaded()
+
+  def terminate(_targets, _grace_ms, _kill_wait_ms, _kill_group, _allow_other_users),
+    do: not_loaded()
+
+  def beam_identity, do: not_loaded()
+  def capabilities, do: not_loaded()
+  def process_start_time(_pid), do: not_loaded()
 end
 
 defmodule DSPex.Python.NifNotLoadedError do

@@ -12,6 +12,9 @@ pub enum Error {
     /// `/proc/PID/...` exists but we may not read it (another user's process).
     #[error("permission denied reading /proc/{0}")]
     PermissionDenied(i32),
+    /// A scan pattern that is empty, too long or contains NUL.
+    #[error("invalid pattern: {0}")]
+    InvalidPattern(String),
     /// Anything else the kernel said while reading `/proc`.
     #[error("reading /proc/{pid} failed: {message}")]
     Proc { pid: i32, message: String },
@@ -41,6 +44,7 @@ impl Error {
             Error::InvalidPid(_) => "invalid_pid",
             Error::NoSuchProcess(_) => "no_such_process",
             Error::PermissionDenied(_) => "permission_denied",
+            Error::InvalidPattern(_) => "invalid_pattern",
             Error::Proc { .. } => "proc_read_failed",
         }
     }

@@ -10,10 +10,16 @@
 //! - [`Registry`]: the concurrent worker registry, generic over the key, the owner handle
 //!   and the monitor handle, so the NIF can back it with Erlang terms and pids.
 
+pub mod classify;
 mod error;
 mod identity;
+pub mod markers;
 mod proc_facts;
 mod registry;
+pub mod scan;
+pub mod terminate;
+#[cfg(test)]
+mod test_util;
 
 pub use error::{Error, Result};
 pub use identity::{Pid, ProcessIdentity};

@@ -1,13 +1,13 @@
 //! The worker registry as a NIF resource. The resource lives as long as any term refers
 //! to it (the Elixir side keeps one in `:persistent_term`), so it outlives the GenServer.
 
-use dspex_process::{Error, Pid, ProcessIdentity, Registry, RegistryStats, WorkerEntry};
+use dspex_process::{Pid, ProcessIdentity, Registry, RegistryStats, WorkerEntry};
 use rustler::{Atom, Encoder, Env, LocalPid, Monitor, NifMap, ResourceArc, Term};
 use std::panic::AssertUnwindSafe;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod atoms {
-    rustler::atoms! { ok, error, invalid_pid, no_such_process, not_found, permission_denied, proc_read_failed }
+    rustler::atoms! { ok, error, not_found }
 }
 
 /// Worker ids are arbitrary terms, kept as their external term format so they can be
@@ -18,6 +18,14 @@ pub struct RegistryResource {
     // The registry never leaves its maps half-updated on a panic (dashmap locks do not
     // poison and our closures do not panic), so crossing rustler's catch_unwind is sound.
     registry: AssertUnwindSafe<Registry<WorkerKey, LocalPid, Monitor>>,
+}
+
+impl RegistryResource {
+    /// Python processes of workers whose Elixir process is alive.
+    pub(crate) fn live_python(&self, env: Env) -> Vec<ProcessIdentity> {
+        self.registry
+            .active_python(|pid| env.is_process_alive(*pid))
+    }
 }
 
 #[rustler::resource_impl]
@@ -89,15 +97,6 @@ fn with_ids<'a>(
         .collect()
 }
 
-pub(crate) fn error_atom(err: &Error) -> Atom {
-    match err {
-        Error::InvalidPid(_) => atoms::invalid_pid(),
-        Error::NoSuchProcess(_) => atoms::no_such_process(),
-        Error::PermissionDenied(_) => atoms::permission_denied(),
-        Error::Proc { .. } => atoms::proc_read_failed(),
-    }
-}
-
 fn unix_seconds() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -124,7 +123,7 @@ fn registry_register<'a>(
     let python = match python_pid.map(|raw| Pid::new(raw).and_then(ProcessIdentity::of)) {
         None => None,
         Some(Ok(identity)) => Some(identity),
-        Some(Err(e)) => return (atoms::error(), error_atom(&e)).encode(env),
+        Some(Err(e)) => return (atoms::error(), crate::atom(env, e.reason())).encode(env),
     };
     let entry = WorkerEntry {
         owner: elixir_pid,
@@ -178,8 +177,7 @@ fn registry_by_fingerprint<'a>(
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registry_active_python_pids(env: Env, resource: ResourceArc<RegistryResource>) -> Vec<i32> {
     resource
-        .registry
-        .active_python(|pid| env.is_process_alive(*pid))
+        .live_python(env)
         .into_iter()
         .map(|id| id.pid.as_raw())
         .collect()

@@ -1,0 +1,411 @@
+defmodule DSPex.Python.OrphanDetector do
+  @moduledoc """
+  Finds the worker processes that nobody owns any more and ends them, without touching an
+  active worker, a worker of another live BEAM, or an unrelated process.
+
+  ## How a process is classified
+
+  Every live process whose argv matches the pattern (by default an argument whose basename
+  is `dspy_bridge.py`; a literal match, never a regex) gets exactly one class. The first
+  row that fits decides:
+
+  | class | when | cleanup |
+  |---|---|---|
+  | `:zombie` | it has exited (state Z or X) | counted, never signalled |
+  | `:active` | registered here (pid **and** start time) with a live Elixir worker, or forked by such a worker | protected |
+  | `:starting` | this BEAM's own (by marker, or an unmarked direct port child), not registered, younger than `:min_age_ms` | protected |
+  | `:foreign` | its marker names another BEAM that is alive (pid + start time, and it is a BEAM); or unmarked with another live BEAM among its ancestors | protected |
+  | `:unmanaged` | unmarked, its parent is alive and not PID 1 or a known subreaper (e.g. started from a shell) | protected unless `include_unmanaged: true` |
+  | `:orphan` | marker names a dead BEAM (`:owner_dead`); this BEAM's own but unregistered and older than `:min_age_ms` (`:worker_gone`); unmarked and re-parented to PID 1 or a subreaper (`:reparented`) | terminated |
+
+  Markers are environment variables that `DSPex.Python.Worker` stamps on each Python
+  process (the owner BEAM's pid and start time, a run id, the worker id, the fingerprint),
+  read back from `/proc/PID/environ`. They make ownership outlive the owner's memory: a
+  BEAM started after a crash, or the CLI, can tell whose worker a process is.
+
+  When no registry is running, this BEAM's own processes are never condemned (there is no
+  way to tell a live one from a leaked one), but orphans of dead BEAMs still are.
+
+  ## Termination
+
+  Cleanup classifies again at the moment it acts, pins every target with a pidfd after
+  re-checking its start time, sends SIGTERM to all of them at once (to the whole process
+  group when the target leads one), waits on one shared deadline (`:grace_ms`), sends
+  SIGKILL to the survivors and waits `:kill_wait_ms` more. Ending 500 orphans takes about
+  one grace period, not 500. It never signals PID 1, this BEAM, its ancestors, its own
+  process group, or another user's process (unless `allow_other_users: true`).
+
+  ## Options
+
+  Every function takes a keyword list; unknown keys and bad values raise `ArgumentError`.
+
+    * `:pattern` - a string or a list of strings (1 to 64, each 1 to 4096 bytes, no NUL)
+      matched literally against each argv element and its basename. Default
+      `"dspy_bridge.py"`.
+    * `:registry` - the `DSPex.Python.ProcessRegistry` name. Default
+      `DSPex.Python.ProcessRegistry`.
+    * `:min_age_ms` - this BEAM's own unregistered processes younger than this are
+      `:starting`, not orphans. Default `5_000`.
+    * `:grace_ms` - time between SIGTERM and SIGKILL. Default `1_000`.
+    * `:kill_wait_ms` - time to wait after SIGKILL before reporting `{:error, :still_alive}`.
+      Default `1_000`.
+    * `:kill_group` - signal the whole process group of targets that lead one. Default `true`.
+    * `:include_unmanaged` - treat `:unmanaged` processes as orphans (reason `:unmanaged`).
+      Default `false`.
+    * `:allow_other_users` - allow signalling processes of another uid. Default `false`.
+    * `:reasons` - act only on orphans with these reasons (`:owner_dead`, `:worker_gone`,
+      `:reparented`, `:unmanaged`). Default: all.
+    * `:dry_run` - report what cleanup would do, signal nothing. Default `false`.
+  """
+
+  require Logger
+
+  alias DSPex.Python.{Native, ProcessRegistry}
+
+  @default_pattern "dspy_bridge.py"
+  @reasons [:owner_dead, :worker_gone, :reparented, :unmanaged]
+  @protected_classes [:active, :starting, :foreign, :unmanaged, :zombie]
+  @defaults [
+    pattern: @default_pattern,
+    registry: ProcessRegistry,
+    min_age_ms: 5_000,
+    grace_ms: 1_000,
+    kill_wait_ms: 1_000,
+    kill_group: true,
+    include_unmanaged: false,
+    allow_other_users: false,
+    reasons: @reasons,
+    dry_run: false
+  ]
+
+  @type reason :: :owner_dead | :worker_gone | :reparented | :unmanaged
+  @type owner :: %{
+          pid: pos_integer(),
+          start_time: non_neg_integer(),
+          run_id: String.t() | nil,
+          worker_id: String.t() | nil,
+          fingerprint: String.t() | nil
+        }
+  @type orphan :: %{
+          pid: pos_integer(),
+          cmdline: String.t(),
+          start_time: non_neg_integer(),
+          detected_at: integer(),
+          reason: reason(),
+          pgid: integer(),
+          uid: non_neg_integer(),
+          age_ms: non_neg_integer(),
+          owner: owner() | nil
+        }
+  @type outcome ::
+          {:ok, :graceful | :force_killed | :already_gone | :dry_run} | {:error, term()}
+  @type cleanup_report :: %{
+          found: non_neg_integer(),
+          terminated: non_neg_integer(),
+          errors: non_neg_integer(),
+          preserved_active: non_neg_integer(),
+          details: [{orphan() | term(), outcome()}],
+          already_gone: non_neg_integer(),
+          protected: %{atom() => non_neg_integer()},
+          dry_run: boolean()
+        }
+
+  @doc """
+  The orphans on this host now, each with its reason, identity and owner markers.
+  Signals nothing.
+  """
+  @spec find_orphaned_processes(keyword()) :: [orphan()]
+  def find_orphaned_processes(opts \\ []) do
+    opts = validate!(opts)
+    opts |> detect() |> orphans(opts)
+  end
+
+  @doc """
+  Ends orphans and reports what happened.
+
+  With options (or none), it finds the orphans now and ends them. With a list of orphans
+  (as returned by `find_orphaned_processes/1`) it treats the list as a request: each entry
+  is classified again and signalled only if it is still an orphan with the same pid and
+  start time; anything else is reported and left alone. An empty list means no options,
+  that is a full cleanup.
+
+  Each detail is `{orphan, outcome}` where outcome is `{:ok, :graceful}`,
+  `{:ok, :force_killed}`, `{:ok, :already_gone}`, `{:ok, :dry_run}` or `{:error, reason}`.
+  """
+  @spec cleanup_orphaned_processes([orphan()] | keyword()) :: cleanup_report()
+  def cleanup_orphaned_processes(orphans_or_opts \\ [])
+
+  def cleanup_orphaned_processes([%{} | _] = orphans), do: cleanup_orphaned_processes(orphans, [])
+  def cleanup_orphaned_processes(opts), do: cleanup_now(validate!(opts))
+
+  @doc "Ends the listed orphans (see `cleanup_orphaned_processes/1`) with options."
+  @spec cleanup_orphaned_processes([orphan()], keyword()) :: cleanup_report()
+  def cleanup_orphaned_processes(orphans, opts) when is_list(orphans) do
+    opts = validate!(opts)
+    detections = detect(opts)
+    current = Map.new(orphans(detections, opts), &{&1.pid, &1})
+    by_pid = Map.new(detections, &{&1.pid, &1})
+
+    {targets, refused} =
+      orphans
+      |> Enum.map(&vet_request(&1, current, by_pid))
+      |> Enum.split_with(&match?({:target, _}, &1))
+
+    targets = Enum.map(targets, fn {:target, orphan} -> orphan end)
+    refused = Enum.map(refused, fn {:refused, entry, outcome} -> {entry, outcome} end)
+    execute(targets, refused, detections, opts)
+  end
+
+  def cleanup_orphaned_processes(other, _opts) do
+    raise ArgumentError, "expected a list of orphans, got: #{inspect(other)}"
+  end
+
+  @doc """
+  Registry counts, orphan counts and the system's health.
+
+  `system_health` follows the orphan ratio (orphans / matching processes): `:healthy` at 0,
+  `:good` under 10 %, `:degraded` under 30 %, `:critical` above. The counts of each
+  protected class are included.
+  """
+  @spec get_system_status(keyword()) :: map()
+  def get_system_status(opts \\ []) do
+    opts = validate!(opts)
+    detections = detect(opts)
+    orphans = orphans(detections, opts)
+    total = length(detections)
+
+    %{
+      registry: registry_stats(opts[:registry]),
+      orphaned_processes: length(orphans),
+      total_dspy_processes: total,
+      system_health: health(length(orphans), total),
+      orphan_details: orphans
+    }
+    |> Map.merge(class_counts(detections))
+  end
+
+  @doc """
+  Checks that detection works here: what it finds, whether each orphan is confirmed by a
+  second, independent classification, and what the system offers (`pgrep`, `kill`, `/proc`,
+  pidfds, readable environments).
+  """
+  @spec validate_detection_system(keyword()) :: map()
+  def validate_detection_system(opts \\ []) do
+    opts = validate!(opts)
+    detections = detect(opts)
+    orphans = orphans(detections, opts)
+    again = opts |> detect() |> orphans(opts) |> Map.new(&{{&1.pid, &1.start_time}, true})
+    native = Native.capabilities()
+
+    %{
+      status: if(native.proc_filesystem, do: :ok, else: :error),
+      all_dspy_processes: length(detections),
+      active_workers: Enum.count(detections, &(&1.class == :active)),
+      validation_test: Enum.map(orphans, &{&1.pid, Map.has_key?(again, {&1.pid, &1.start_time})}),
+      system_commands: %{
+        pgrep_available: System.find_executable("pgrep") != nil,
+        kill_available: System.find_executable("kill") != nil,
+        proc_filesystem: native.proc_filesystem
+      },
+      native: native
+    }
+  end
+
+  @doc """
+  Every matching process with its class (`:active`, `:starting`, `:foreign`, `:unmanaged`,
+  `:zombie`, `:orphan`), for diagnostics.
+  """
+  @spec classify_processes(keyword()) :: [map()]
+  def classify_processes(opts \\ []) do
+    opts |> validate!() |> detect()
+  end
+
+  # Internals
+
+  defp cleanup_now(opts) do
+    detections = detect(opts)
+    execute(orphans(detections, opts), [], detections, opts)
+  end
+
+  defp execute(targets, refused, detections, opts) do
+    outcomes =
+      cond do
+        targets == [] ->
+          []
+
+        opts[:dry_run] ->
+          Enum.map(targets, fn _ -> {:ok, :dry_run} end)
+
+        true ->
+          Native.terminate(
+            Enum.map(targets, &{&1.pid, &1.start_time}),
+            opts[:grace_ms],
+            opts[:kill_wait_ms],
+            opts[:kill_group],
+            opts[:allow_other_users]
+          )
+      end
+
+    details = Enum.zip(targets, outcomes) ++ refused
+    Enum.each(details, &log_outcome/1)
+    counts = class_counts(detections)
+
+    %{
+      found: length(targets) + length(refused),
+      terminated:
+        Enum.count(details, &match?({_, {:ok, k}} when k in [:graceful, :force_killed], &1)),
+      errors: Enum.count(details, &match?({_, {:error, _}}, &1)),
+      already_gone: Enum.count(details, &match?({_, {:ok, :already_gone}}, &1)),
+      preserved_active: counts.active,
+      protected: Map.take(counts, @protected_classes),
+      details: details,
+      dry_run: opts[:dry_run]
+    }
+  end
+
+  defp vet_request(%{pid: pid} = entry, current, by_pid) when is_integer(pid) do
+    wanted_start = Map.get(entry, :start_time)
+
+    case {Map.get(current, pid), Map.get(by_pid, pid)} do
+      {%{start_time: start} = orphan, _} when wanted_start in [nil, start] ->
+        {:target, orphan}
+
+      {%{}, _} ->
+        {:refused, entry, {:ok, :already_gone}}
+
+      {nil, %{class: class, start_time: start}} when wanted_start in [nil, start] ->
+        {:refused, entry, {:error, {:not_an_orphan, class}}}
+
+      {nil, _} ->
+        gone_or_not_a_match(entry, pid, wanted_start)
+    end
+  end
+
+  defp vet_request(entry, _current, _by_pid), do: {:refused, entry, {:error, :invalid_entry}}
+
+  defp gone_or_not_a_match(entry, pid, wanted_start) do
+    case pid > 1 and pid <= 0x7FFFFFFF and Native.process_start_time(pid) do
+      {:ok, start} when wanted_start in [nil, start] -> {:refused, entry, {:error, :not_a_match}}
+      {:ok, _other} -> {:refused, entry, {:ok, :already_gone}}
+      {:error, :no_such_process} -> {:refused, entry, {:ok, :already_gone}}
+      _ -> {:refused, entry, {:error, :invalid_entry}}
+    end
+  end
+
+  defp log_outcome({%{pid: pid, reason: reason}, {:ok, result}}) do
+    Logger.info("DSPex orphan cleanup: pid #{pid} (#{reason}) #{result}")
+  end
+
+  defp log_outcome({entry, {:error, error}}) do
+    Logger.warning(
+      "DSPex orphan cleanup: refused or failed for #{describe(entry)}: #{inspect(error)}"
+    )
+  end
+
+  defp log_outcome({entry, {:ok, result}}) do
+    Logger.info("DSPex orphan cleanup: #{describe(entry)} #{result}")
+  end
+
+  defp describe(%{pid: pid}), do: "pid #{inspect(pid)}"
+  defp describe(other), do: inspect(other)
+
+  defp detect(opts) do
+    registry = registry_resource(opts[:registry])
+    # Without a registry nothing of ours can be told apart as leaked: protect it all.
+    min_age = if registry, do: opts[:min_age_ms], else: 0xFFFFFFFFFFFF
+
+    case Native.detect(registry, opts[:pattern], min_age) do
+      {:ok, detections} -> detections
+      {:error, reason} -> raise ArgumentError, "invalid :pattern (#{reason})"
+    end
+  end
+
+  defp orphans(detections, opts) do
+    now = System.os_time(:second)
+
+    detections
+    |> Enum.flat_map(fn
+      %{class: :orphan} = d ->
+        [d]
+
+      %{class: :unmanaged} = d ->
+        if opts[:include_unmanaged], do: [%{d | reason: :unmanaged}], else: []
+
+      _ ->
+        []
+    end)
+    |> Enum.filter(&(&1.reason in opts[:reasons]))
+    |> Enum.map(fn d ->
+      d
+      |> Map.take([:pid, :cmdline, :start_time, :reason, :pgid, :uid, :age_ms, :owner])
+      |> Map.put(:detected_at, now)
+    end)
+  end
+
+  defp class_counts(detections) do
+    zero = Map.new([:orphan | @protected_classes], &{&1, 0})
+    Enum.reduce(detections, zero, fn %{class: c}, acc -> Map.update!(acc, c, &(&1 + 1)) end)
+  end
+
+  defp health(0, _total), do: :healthy
+  defp health(orphans, total) when orphans * 10 < total, do: :good
+  defp health(orphans, total) when orphans * 10 < total * 3, do: :degraded
+  defp health(_orphans, _total), do: :critical
+
+  defp registry_resource(name) do
+    ProcessRegistry.resource!(name)
+  rescue
+    ProcessRegistry.NotRunningError -> nil
+  end
+
+  defp registry_stats(name) do
+    ProcessRegistry.get_stats(name)
+  rescue
+    ProcessRegistry.NotRunningError -> nil
+  end
+
+  @doc false
+  # Validates options; public for the other modules of the library.
+  @spec validate!(keyword()) :: keyword()
+  def validate!(opts) do
+    unless is_list(opts) and Keyword.keyword?(opts) do
+      raise ArgumentError, "options must be a keyword list, got: #{inspect(opts)}"
+    end
+
+    opts = Keyword.validate!(opts, @defaults)
+    Enum.each(opts, &check_option!/1)
+    Keyword.update!(opts, :pattern, &List.wrap/1)
+  end
+
+  defp check_option!({:pattern, p}) when is_binary(p), do: check_pattern!(p)
+
+  defp check_option!({:pattern, [_ | _] = list}) when length(list) <= 64,
+    do: Enum.each(list, &check_pattern!/1)
+
+  defp check_option!({key, v})
+       when key in [:min_age_ms, :grace_ms, :kill_wait_ms] and is_integer(v) and v >= 0 and
+              v <= 86_400_000,
+       do: :ok
+
+  defp check_option!({key, v})
+       when key in [:kill_group, :include_unmanaged, :allow_other_users, :dry_run] and
+              is_boolean(v),
+       do: :ok
+
+  defp check_option!({:registry, name}) when is_atom(name), do: :ok
+
+  defp check_option!({:reasons, [_ | _] = reasons}) do
+    unless Enum.all?(reasons, &(&1 in @reasons)), do: bad_option!(:reasons, reasons)
+  end
+
+  defp check_option!({key, value}), do: bad_option!(key, value)
+
+  defp check_pattern!(p) do
+    ok? = is_binary(p) and byte_size(p) in 1..4096 and not String.contains?(p, <<0>>)
+    unless ok?, do: bad_option!(:pattern, p)
+  end
+
+  defp bad_option!(key, value) do
+    raise ArgumentError, "invalid value for #{inspect(key)}: #{inspect(value, limit: 10)}"
+  end
+end

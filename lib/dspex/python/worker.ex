@@ -1,0 +1,305 @@
+defmodule DSPex.Python.Worker do
+  @moduledoc """
+  Owns one Python worker process through a Port, and keeps the registry and the process's
+  ownership markers true for its whole life.
+
+  On start it opens a Port to `python3 <script> --mode pool-worker <args>`, reads the OS pid
+  with `Port.info(port, :os_pid)`, makes a fingerprint (`dspex_worker_<id>_<ns>_<rand>`),
+  stamps the ownership markers into the process's environment (`DSPEX_OWNER_PID`,
+  `DSPEX_OWNER_START`, `DSPEX_RUN_ID`, `DSPEX_WORKER_ID`, `DSPEX_FINGERPRINT`) and registers
+  with `DSPex.Python.ProcessRegistry`.
+
+  It traps exits. When it stops it unregisters, closes the port and ends its own Python
+  process: SIGTERM to the process group, SIGKILL after `:shutdown_grace_ms`, each signal
+  only after the process's pid and start time are checked again.
+
+  ## Options
+
+    * `:worker_id` (required) - any term; it names the registry entry.
+    * `:python` - the interpreter; default `python3` from `PATH`.
+    * `:script` - default: the bundled `priv/python/dspy_bridge.py` stand-in.
+    * `:args` - extra arguments after `--mode pool-worker` (strings). Default `[]`.
+    * `:env` - extra environment, `[{name, value}]` strings. Default `[]`.
+    * `:registry` - the registry name. Default `DSPex.Python.ProcessRegistry`.
+    * `:name` - a name to register the GenServer under (optional).
+    * `:shutdown_grace_ms` - SIGTERM to SIGKILL when stopping. Default `1_000`.
+
+  ## Example
+
+      {:ok, worker} = DSPex.Python.Worker.start_link(worker_id: "w1")
+      {:ok, "pong"} = DSPex.Python.Worker.call(worker, "ping")
+  """
+
+  use GenServer
+  require Logger
+
+  alias DSPex.Python.{Native, ProcessRegistry}
+
+  @type option ::
+          {:worker_id, term()}
+          | {:python, String.t()}
+          | {:script, String.t()}
+          | {:args, [String.t()]}
+          | {:env, [{String.t(), String.t()}]}
+          | {:registry, atom()}
+          | {:name, GenServer.name()}
+          | {:shutdown_grace_ms, non_neg_integer()}
+
+  @doc "A child spec whose id is `{DSPex.Python.Worker, worker_id}`."
+  @spec child_spec([option()]) :: Supervisor.child_spec()
+  def child_spec(opts) do
+    %{
+      id: {__MODULE__, Keyword.get(opts, :worker_id)},
+      start: {__MODULE__, :start_link, [opts]},
+      shutdown: Keyword.get(opts, :shutdown_grace_ms, 1_000) + 5_000
+    }
+  end
+
+  @doc "Starts a worker; invalid options raise `ArgumentError`."
+  @spec start_link([option()]) :: GenServer.on_start()
+  def start_link(opts) do
+    opts = validate!(opts)
+    gen_opts = if opts[:name], do: [name: opts[:name]], else: []
+    GenServer.start_link(__MODULE__, opts, gen_opts)
+  end
+
+  @doc """
+  Sends `request` (a binary) to the Python process and waits for its reply.
+  """
+  @spec call(GenServer.server(), binary(), timeout()) :: {:ok, binary()} | {:error, term()}
+  def call(worker, request, timeout \\ 5_000) when is_binary(request) do
+    GenServer.call(worker, {:request, request}, timeout)
+  end
+
+  @doc "The worker's id, OS pid, start time and fingerprint."
+  @spec info(GenServer.server()) :: %{
+          worker_id: term(),
+          os_pid: pos_integer(),
+          start_time: non_neg_integer(),
+          fingerprint: String.t()
+        }
+  def info(worker), do: GenServer.call(worker, :info)
+
+  @doc "The OS pid of the worker's Python process."
+  @spec os_pid(GenServer.server()) :: pos_integer()
+  def os_pid(worker), do: info(worker).os_pid
+
+  @doc """
+  The ownership markers this BEAM stamps on `worker_id`'s process, as `{name, value}`.
+  """
+  @spec markers(term(), String.t()) :: [{String.t(), String.t()}]
+  def markers(worker_id, fingerprint) do
+    {beam_pid, beam_start} = beam_identity()
+
+    [
+      {"DSPEX_OWNER_PID", Integer.to_string(beam_pid)},
+      {"DSPEX_OWNER_START", Integer.to_string(beam_start)},
+      {"DSPEX_RUN_ID", run_id()},
+      {"DSPEX_WORKER_ID", id_string(worker_id)},
+      {"DSPEX_FINGERPRINT", fingerprint}
+    ]
+  end
+
+  @doc "The default script: the bundled bridge stand-in."
+  @spec default_script() :: String.t()
+  def default_script do
+    Path.join([:code.priv_dir(:dspex_process), "python", "dspy_bridge.py"])
+  end
+
+  # GenServer
+
+  @impl true
+  def init(opts) do
+    Process.flag(:trap_exit, true)
+    id = opts[:worker_id]
+    fingerprint = fingerprint(id)
+    env = markers(id, fingerprint) ++ opts[:env]
+
+    port =
+      Port.open({:spawn_executable, opts[:python]}, [
+        :binary,
+        :exit_status,
+        {:packet, 4},
+        args: [opts[:script], "--mode", "pool-worker" | opts[:args]],
+        env: Enum.map(env, fn {k, v} -> {String.to_charlist(k), String.to_charlist(v)} end)
+      ])
+
+    {:os_pid, os_pid} = Port.info(port, :os_pid)
+
+    with :ok <-
+           ProcessRegistry.register_worker(id, self(), os_pid, fingerprint, opts[:registry]),
+         {:ok, %{python_start_time: start}} <-
+           ProcessRegistry.get_worker_info(id, opts[:registry]) do
+      {:ok,
+       %{
+         id: id,
+         port: port,
+         os_pid: os_pid,
+         start_time: start,
+         fingerprint: fingerprint,
+         registry: opts[:registry],
+         grace: opts[:shutdown_grace_ms],
+         waiting: :queue.new()
+       }}
+    else
+      {:error, reason} ->
+        Port.close(port)
+        {:stop, {:registration_failed, reason}}
+    end
+  end
+
+  @impl true
+  def handle_call({:request, request}, from, state) do
+    Port.command(state.port, request)
+    {:noreply, %{state | waiting: :queue.in(from, state.waiting)}}
+  end
+
+  def handle_call(:info, _from, state) do
+    info = %{
+      worker_id: state.id,
+      os_pid: state.os_pid,
+      start_time: state.start_time,
+      fingerprint: state.fingerprint
+    }
+
+    {:reply, info, state}
+  end
+
+  @impl true
+  def handle_info({port, {:data, reply}}, %{port: port} = state) do
+    case :queue.out(state.waiting) do
+      {{:value, from}, rest} ->
+        GenServer.reply(from, {:ok, reply})
+        {:noreply, %{state | waiting: rest}}
+
+      {:empty, _} ->
+        {:noreply, state}
+    end
+  end
+
+  def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
+    for from <- :queue.to_list(state.waiting), do: GenServer.reply(from, {:error, :python_exited})
+    {:stop, {:python_exited, status}, %{state | port: nil, waiting: :queue.new()}}
+  end
+
+  def handle_info({:EXIT, port, _reason}, %{port: port} = state) do
+    {:stop, :port_closed, %{state | port: nil}}
+  end
+
+  def handle_info(_message, state), do: {:noreply, state}
+
+  @impl true
+  def terminate(_reason, state) do
+    try do
+      ProcessRegistry.unregister_worker(state.id, state.registry)
+    rescue
+      ProcessRegistry.NotRunningError -> :ok
+    end
+
+    if state.port, do: safe_close(state.port)
+
+    [outcome] =
+      Native.terminate([{state.os_pid, state.start_time}], state.grace, 1_000, true, false)
+
+    case outcome do
+      {:ok, _} ->
+        :ok
+
+      {:error, error} ->
+        Logger.warning(
+          "DSPex.Python.Worker #{inspect(state.id)} could not end its python process " <>
+            "#{state.os_pid}: #{inspect(error)}"
+        )
+    end
+  end
+
+  defp safe_close(port) do
+    Port.close(port)
+  rescue
+    ArgumentError -> :ok
+  end
+
+  # Helpers
+
+  defp fingerprint(id) do
+    "dspex_worker_#{id_string(id)}_#{System.system_time(:nanosecond)}_#{:rand.uniform(1_000_000)}"
+  end
+
+  defp id_string(id) when is_binary(id), do: id
+  defp id_string(id) when is_atom(id) or is_integer(id), do: to_string(id)
+  defp id_string(id), do: inspect(id)
+
+  defp beam_identity do
+    case :persistent_term.get({__MODULE__, :beam_identity}, nil) do
+      nil ->
+        identity = Native.beam_identity()
+        :persistent_term.put({__MODULE__, :beam_identity}, identity)
+        identity
+
+      identity ->
+        identity
+    end
+  end
+
+  @doc false
+  # Random per VM boot: tells this run's workers from a previous run's with the same pid.
+  def run_id do
+    case :persistent_term.get({__MODULE__, :run_id}, nil) do
+      nil ->
+        id = Base.encode16(:rand.bytes(8), case: :lower)
+        :persistent_term.put({__MODULE__, :run_id}, id)
+        id
+
+      id ->
+        id
+    end
+  end
+
+  defp validate!(opts) do
+    unless is_list(opts) and Keyword.keyword?(opts) do
+      raise ArgumentError, "Worker options must be a keyword list, got: #{inspect(opts)}"
+    end
+
+    unless Keyword.has_key?(opts, :worker_id) do
+      raise ArgumentError, "DSPex.Python.Worker needs a :worker_id"
+    end
+
+    opts =
+      Keyword.validate!(opts, [
+        :worker_id,
+        :name,
+        python: nil,
+        script: nil,
+        args: [],
+        env: [],
+        registry: ProcessRegistry,
+        shutdown_grace_ms: 1_000
+      ])
+
+    python = opts[:python] || System.find_executable("python3")
+    script = opts[:script] || default_script()
+
+    check!(is_binary(python) and File.regular?(python), :python, opts[:python] || "python3")
+    check!(is_binary(script) and File.regular?(script), :script, script)
+    check!(is_list(opts[:args]) and Enum.all?(opts[:args], &is_binary/1), :args, opts[:args])
+
+    check!(
+      is_list(opts[:env]) and
+        Enum.all?(opts[:env], &match?({k, v} when is_binary(k) and is_binary(v), &1)),
+      :env,
+      opts[:env]
+    )
+
+    check!(is_atom(opts[:registry]), :registry, opts[:registry])
+    grace = opts[:shutdown_grace_ms]
+    check!(is_integer(grace) and grace >= 0, :shutdown_grace_ms, grace)
+
+    opts |> Keyword.put(:python, python) |> Keyword.put(:script, script)
+  end
+
+  defp check!(true, _key, _value), do: :ok
+
+  defp check!(false, key, value) do
+    raise ArgumentError, "invalid value for #{inspect(key)}: #{inspect(value)}"
+  end
+end

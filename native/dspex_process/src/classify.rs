@@ -1,0 +1,573 @@
+//! The classification table of DESIGN.md, one process at a time. Rows are tried top to
+//! bottom; the first that fits decides.
+
+use crate::identity::{Pid, ProcessIdentity};
+use crate::scan::{scan, Candidate, Pattern};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Why an orphan is one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OrphanReason {
+    /// Its marker names a BEAM that is no longer alive.
+    OwnerDead,
+    /// This BEAM's own worker process whose Elixir worker is gone.
+    WorkerGone,
+    /// Unmarked, and re-parented to PID 1 or a known subreaper.
+    Reparented,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    Zombie,
+    Active,
+    Starting,
+    Foreign,
+    Unmanaged,
+    Orphan(OrphanReason),
+}
+
+impl Class {
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Zombie => "zombie",
+            Class::Active => "active",
+            Class::Starting => "starting",
+            Class::Foreign => "foreign",
+            Class::Unmanaged => "unmanaged",
+            Class::Orphan(_) => "orphan",
+        }
+    }
+}
+
+impl OrphanReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            OrphanReason::OwnerDead => "owner_dead",
+            OrphanReason::WorkerGone => "worker_gone",
+            OrphanReason::Reparented => "reparented",
+        }
+    }
+}
+
+/// The little that classification needs to know about an ancestor or an owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub ppid: i32,
+    pub start_time: u64,
+    pub comm: String,
+}
+
+/// Looks processes up by pid (from `/proc` in production, from a table in unit tests).
+pub trait ProcessLookup {
+    fn get(&mut self, pid: i32) -> Option<ProcInfo>;
+}
+
+/// A registered worker process and whether its Elixir process is alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    pub start_time: u64,
+    pub alive: bool,
+}
+
+/// What is known when classifying: who "we" are and what is registered here.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// This BEAM; `None` when the caller is not a BEAM (the CLI).
+    pub beam: Option<ProcessIdentity>,
+    pub registered: HashMap<Pid, Registered>,
+    /// Processes younger than this are still starting (clock ticks).
+    pub min_age_ticks: u64,
+    /// Clock ticks since boot, now.
+    pub now_ticks: u64,
+}
+
+const MAX_ANCESTRY: usize = 64;
+/// Process names that adopt orphans besides PID 1 (`PR_SET_CHILD_SUBREAPER` users).
+const KNOWN_SUBREAPERS: &[&str] = &[
+    "systemd",
+    "tini",
+    "dumb-init",
+    "docker-init",
+    "catatonit",
+    "s6-svscan",
+];
+
+/// Whether a process name is an Erlang VM's (`beam.smp`, or `beam` on old builds).
+pub fn is_beam(comm: &str) -> bool {
+    comm == "beam.smp" || comm == "beam"
+}
+
+impl Context {
+    fn is_registered_alive(&self, pid: i32, start_time: u64) -> bool {
+        Pid::new(i64::from(pid))
+            .ok()
+            .and_then(|p| self.registered.get(&p))
+            .is_some_and(|r| r.alive && r.start_time == start_time)
+    }
+
+    fn is_this_beam(&self, identity: &ProcessIdentity) -> bool {
+        self.beam.as_ref() == Some(identity)
+    }
+
+    fn age_ticks(&self, start_time: u64) -> u64 {
+        self.now_ticks.saturating_sub(start_time)
+    }
+}
+
+/// Classifies one candidate.
+pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessLookup) -> Class {
+    let facts = &candidate.facts;
+    if facts.state.has_exited() {
+        return Class::Zombie;
+    }
+    let pid = facts.pid.as_raw();
+    if ctx.is_registered_alive(pid, facts.start_time) {
+        return Class::Active;
+    }
+
+    let ancestry = ancestors(facts.ppid, lookup);
+    // A child the worker forked (multiprocessing) is part of that worker.
+    if ancestry
+        .iter()
+        .take_while(|(p, _)| ctx.beam.is_none_or(|b| b.pid.as_raw() != *p))
+        .any(|(p, info)| ctx.is_registered_alive(*p, info.start_time))
+    {
+        return Class::Active;
+    }
+
+    let markers = candidate.markers.markers();
+    let direct_port_child = match (ctx.beam, ancestry.first()) {
+        (Some(beam), Some((_, parent))) => {
+            parent.comm == "erl_child_setup" && parent.ppid == beam.pid.as_raw()
+        }
+        _ => false,
+    };
+    let own = match markers {
+        Some(m) => ctx.is_this_beam(&m.owner),
+        None => direct_port_child,
+    };
+    let young = ctx.age_ticks(facts.start_time) < ctx.min_age_ticks;
+
+    if own {
+        return if young {
+            Class::Starting
+        } else {
+            Class::Orphan(OrphanReason::WorkerGone)
+        };
+    }
+
+    if let Some(m) = markers {
+        let owner_alive = lookup
+            .get(m.owner.pid.as_raw())
+            .is_some_and(|info| info.start_time == m.owner.start_time && is_beam(&info.comm));
+        return if owner_alive {
+            Class::Foreign
+        } else {
+            Class::Orphan(OrphanReason::OwnerDead)
+        };
+    }
+
+    // Unmarked (no markers, or an environment we may not read).
+    let beam_pid = ctx.beam.map(|b| b.pid.as_raw());
+    if ancestry
+        .iter()
+        .any(|(p, info)| Some(*p) != beam_pid && is_beam(&info.comm))
+    {
+        return Class::Foreign;
+    }
+    match ancestry.first() {
+        None => Class::Orphan(OrphanReason::Reparented),
+        Some((1, _)) => Class::Orphan(OrphanReason::Reparented),
+        Some((_, parent)) if KNOWN_SUBREAPERS.contains(&parent.comm.as_str()) => {
+            Class::Orphan(OrphanReason::Reparented)
+        }
+        Some(_) => Class::Unmanaged,
+    }
+}
+
+/// One classified candidate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Detection {
+    pub candidate: Candidate,
+    pub class: Class,
+    /// How long the process has been running, in milliseconds.
+    pub age_ms: u64,
+}
+
+/// Scans `/proc` for `pattern` and classifies every match, as seen from `beam` (this VM, or
+/// `None` for the CLI) with the given registered workers.
+pub fn detect(
+    pattern: &Pattern,
+    beam: Option<ProcessIdentity>,
+    registered: HashMap<Pid, Registered>,
+    min_age: Duration,
+) -> Vec<Detection> {
+    let ticks = procfs::ticks_per_second();
+    let ctx = Context {
+        beam,
+        registered,
+        min_age_ticks: (min_age.as_millis() as u64).saturating_mul(ticks) / 1000,
+        now_ticks: uptime_ticks(ticks),
+    };
+    let mut lookup = ProcLookup::default();
+    scan(pattern)
+        .into_iter()
+        .map(|candidate| {
+            let class = classify(&candidate, &ctx, &mut lookup);
+            let age_ms = ctx.age_ticks(candidate.facts.start_time) * 1000 / ticks.max(1);
+            Detection {
+                candidate,
+                class,
+                age_ms,
+            }
+        })
+        .collect()
+}
+
+/// Clock ticks since boot, the unit of process start times.
+pub fn uptime_ticks(ticks_per_second: u64) -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0, |secs| (secs * ticks_per_second as f64) as u64)
+}
+
+/// `(pid, info)` from the parent up to (and including) PID 1.
+fn ancestors(ppid: i32, lookup: &mut impl ProcessLookup) -> Vec<(i32, ProcInfo)> {
+    let mut chain = Vec::new();
+    let mut next = ppid;
+    while next > 0 && chain.len() < MAX_ANCESTRY {
+        let Some(info) = lookup.get(next) else { break };
+        let parent = info.ppid;
+        chain.push((next, info));
+        if next == 1 {
+            break;
+        }
+        next = parent;
+    }
+    chain
+}
+
+/// Reads ancestors from `/proc`, remembering what it read during one classification pass.
+#[derive(Default)]
+pub struct ProcLookup {
+    cache: HashMap<i32, Option<ProcInfo>>,
+}
+
+impl ProcessLookup for ProcLookup {
+    fn get(&mut self, pid: i32) -> Option<ProcInfo> {
+        self.cache
+            .entry(pid)
+            .or_insert_with(|| read_proc_info(pid))
+            .clone()
+    }
+}
+
+fn read_proc_info(pid: i32) -> Option<ProcInfo> {
+    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    Some(ProcInfo {
+        ppid: stat.ppid,
+        start_time: stat.starttime,
+        comm: stat.comm,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::markers::Markers;
+    use crate::proc_facts::{ProcessFacts, ProcessState};
+    use crate::scan::MarkerRead;
+
+    const BEAM: i32 = 100;
+    const HELPER: i32 = 101;
+    const OTHER_BEAM: i32 = 200;
+    const SHELL: i32 = 300;
+
+    struct Table(HashMap<i32, ProcInfo>);
+
+    impl ProcessLookup for Table {
+        fn get(&mut self, pid: i32) -> Option<ProcInfo> {
+            self.0.get(&pid).cloned()
+        }
+    }
+
+    fn info(ppid: i32, start_time: u64, comm: &str) -> ProcInfo {
+        ProcInfo {
+            ppid,
+            start_time,
+            comm: comm.into(),
+        }
+    }
+
+    fn table() -> Table {
+        Table(HashMap::from([
+            (1, info(0, 1, "init")),
+            (BEAM, info(1, 10, "beam.smp")),
+            (HELPER, info(BEAM, 11, "erl_child_setup")),
+            (OTHER_BEAM, info(1, 20, "beam.smp")),
+            (201, info(OTHER_BEAM, 21, "erl_child_setup")),
+            (SHELL, info(1, 30, "bash")),
+            (400, info(1, 40, "systemd")),
+            (500, info(HELPER, 900, "python3")),
+        ]))
+    }
+
+    fn id(pid: i32, start_time: u64) -> ProcessIdentity {
+        ProcessIdentity {
+            pid: Pid::new(i64::from(pid)).unwrap(),
+            start_time,
+        }
+    }
+
+    fn ctx() -> Context {
+        Context {
+            beam: Some(id(BEAM, 10)),
+            registered: HashMap::new(),
+            min_age_ticks: 100,
+            now_ticks: 1000,
+        }
+    }
+
+    fn candidate(pid: i32, ppid: i32, start: u64, owner: Option<(i32, u64)>) -> Candidate {
+        Candidate {
+            facts: ProcessFacts {
+                pid: Pid::new(i64::from(pid)).unwrap(),
+                ppid,
+                pgid: pid,
+                sid: pid,
+                uid: 0,
+                state: ProcessState::Sleeping,
+                start_time: start,
+                comm: "python3".into(),
+                argv: vec!["python3".into(), "dspy_bridge.py".into()],
+            },
+            markers: match owner {
+                Some((p, s)) => MarkerRead::Present(Markers {
+                    owner: id(p, s),
+                    run_id: None,
+                    worker_id: None,
+                    fingerprint: None,
+                }),
+                None => MarkerRead::Absent,
+            },
+        }
+    }
+
+    fn class_of(c: &Candidate, ctx: &Context) -> Class {
+        classify(c, ctx, &mut table())
+    }
+
+    #[test]
+    fn zombies_come_first() {
+        let mut c = candidate(500, HELPER, 900, Some((BEAM, 10)));
+        c.facts.state = ProcessState::Zombie;
+        let mut ctx = ctx();
+        ctx.registered.insert(
+            c.facts.pid,
+            Registered {
+                start_time: 900,
+                alive: true,
+            },
+        );
+        assert_eq!(class_of(&c, &ctx), Class::Zombie);
+    }
+
+    #[test]
+    fn registered_with_live_worker_is_active_only_with_the_same_start_time() {
+        let c = candidate(500, HELPER, 500, Some((BEAM, 10)));
+        let mut ctx = ctx();
+        ctx.registered.insert(
+            c.facts.pid,
+            Registered {
+                start_time: 500,
+                alive: true,
+            },
+        );
+        assert_eq!(class_of(&c, &ctx), Class::Active);
+
+        // Same pid, other start time: a recycled pid is not the registered worker.
+        ctx.registered.insert(
+            c.facts.pid,
+            Registered {
+                start_time: 499,
+                alive: true,
+            },
+        );
+        assert_eq!(class_of(&c, &ctx), Class::Orphan(OrphanReason::WorkerGone));
+
+        // Registered but its Elixir worker is dead.
+        ctx.registered.insert(
+            c.facts.pid,
+            Registered {
+                start_time: 500,
+                alive: false,
+            },
+        );
+        assert_eq!(class_of(&c, &ctx), Class::Orphan(OrphanReason::WorkerGone));
+    }
+
+    #[test]
+    fn children_of_an_active_worker_are_active() {
+        let mut ctx = ctx();
+        let worker = Pid::new(500).unwrap();
+        ctx.registered.insert(
+            worker,
+            Registered {
+                start_time: 900,
+                alive: true,
+            },
+        );
+        let child = candidate(501, 500, 950, Some((BEAM, 10)));
+        assert_eq!(class_of(&child, &ctx), Class::Active);
+    }
+
+    #[test]
+    fn own_unregistered_workers_start_then_become_orphans() {
+        let ctx = ctx();
+        let young = candidate(600, HELPER, 950, Some((BEAM, 10)));
+        assert_eq!(class_of(&young, &ctx), Class::Starting);
+        let old = candidate(600, 1, 100, Some((BEAM, 10)));
+        assert_eq!(
+            class_of(&old, &ctx),
+            Class::Orphan(OrphanReason::WorkerGone)
+        );
+
+        // Unmarked direct port child: ours by ancestry.
+        let unmarked_young = candidate(601, HELPER, 950, None);
+        assert_eq!(class_of(&unmarked_young, &ctx), Class::Starting);
+        let unmarked_old = candidate(601, HELPER, 100, None);
+        assert_eq!(
+            class_of(&unmarked_old, &ctx),
+            Class::Orphan(OrphanReason::WorkerGone)
+        );
+    }
+
+    #[test]
+    fn markers_of_a_live_beam_protect_and_of_a_dead_one_condemn() {
+        let ctx = ctx();
+        let foreign = candidate(700, 1, 100, Some((OTHER_BEAM, 20)));
+        assert_eq!(class_of(&foreign, &ctx), Class::Foreign);
+        // The other BEAM's pid now belongs to a process with another start time.
+        let recycled = candidate(700, 1, 100, Some((OTHER_BEAM, 19)));
+        assert_eq!(
+            class_of(&recycled, &ctx),
+            Class::Orphan(OrphanReason::OwnerDead)
+        );
+        // The pid is alive with the right start time but it is not a BEAM.
+        let not_beam = candidate(700, 1, 100, Some((SHELL, 30)));
+        assert_eq!(
+            class_of(&not_beam, &ctx),
+            Class::Orphan(OrphanReason::OwnerDead)
+        );
+        let gone = candidate(700, 1, 100, Some((4242, 1)));
+        assert_eq!(
+            class_of(&gone, &ctx),
+            Class::Orphan(OrphanReason::OwnerDead)
+        );
+    }
+
+    #[test]
+    fn unmarked_processes_by_ancestry() {
+        let ctx = ctx();
+        assert_eq!(
+            class_of(&candidate(800, 201, 100, None), &ctx),
+            Class::Foreign
+        );
+        assert_eq!(
+            class_of(&candidate(801, SHELL, 100, None), &ctx),
+            Class::Unmanaged
+        );
+        assert_eq!(
+            class_of(&candidate(802, 1, 100, None), &ctx),
+            Class::Orphan(OrphanReason::Reparented)
+        );
+        assert_eq!(
+            class_of(&candidate(803, 400, 100, None), &ctx),
+            Class::Orphan(OrphanReason::Reparented)
+        );
+        // Parent vanished while we looked: treated as re-parented.
+        assert_eq!(
+            class_of(&candidate(804, 9999, 100, None), &ctx),
+            Class::Orphan(OrphanReason::Reparented)
+        );
+        // A grandchild of this BEAM through a shell is not a port child: unmanaged.
+        let mut t = table();
+        t.0.insert(350, info(HELPER, 35, "sh"));
+        assert_eq!(
+            classify(&candidate(805, 350, 100, None), &ctx, &mut t),
+            Class::Unmanaged
+        );
+    }
+
+    #[test]
+    fn without_a_beam_markers_still_decide() {
+        let ctx = Context {
+            beam: None,
+            ..ctx()
+        };
+        // From the CLI, a worker of a live BEAM is foreign and one of a dead BEAM an orphan.
+        assert_eq!(
+            class_of(&candidate(900, HELPER, 100, Some((BEAM, 10))), &ctx),
+            Class::Foreign
+        );
+        assert_eq!(
+            class_of(&candidate(901, 1, 100, Some((4242, 1))), &ctx),
+            Class::Orphan(OrphanReason::OwnerDead)
+        );
+        // Unmarked port child of a live BEAM: foreign by ancestry.
+        assert_eq!(
+            class_of(&candidate(902, HELPER, 100, None), &ctx),
+            Class::Foreign
+        );
+    }
+
+    #[test]
+    fn detect_on_real_processes_respects_min_age_and_registration() {
+        use crate::test_util::{spawn_python, unique_tag};
+        let tag = unique_tag("detect");
+        let mut kids: Vec<_> = (0..2)
+            .map(|_| spawn_python("import time; time.sleep(30)", &tag))
+            .collect();
+        let pattern = Pattern::new(&[tag.as_str()]).unwrap();
+        let pids: Vec<Pid> = kids
+            .iter()
+            .map(|k| Pid::new(i64::from(k.id())).unwrap())
+            .collect();
+        // Our children, unmarked, parent alive and not a BEAM: unmanaged, whatever the age.
+        assert!(crate::test_util::eventually(Duration::from_secs(5), || {
+            detect(&pattern, None, HashMap::new(), Duration::ZERO).len() == 2
+        }));
+        let found = detect(&pattern, None, HashMap::new(), Duration::ZERO);
+        assert!(
+            found.iter().all(|d| d.class == Class::Unmanaged),
+            "{found:?}"
+        );
+
+        // Registered: active.
+        let start = ProcessIdentity::of(pids[0]).unwrap().start_time;
+        let registered = HashMap::from([(
+            pids[0],
+            Registered {
+                start_time: start,
+                alive: true,
+            },
+        )]);
+        let found = detect(&pattern, None, registered, Duration::ZERO);
+        let class_of = |pid: Pid| {
+            found
+                .iter()
+                .find(|d| d.candidate.facts.pid == pid)
+                .unwrap()
+                .class
+        };
+        assert_eq!(class_of(pids[0]), Class::Active);
+        assert_eq!(class_of(pids[1]), Class::Unmanaged);
+        for k in &mut kids {
+            k.kill().unwrap();
+            k.wait().unwrap();
+        }
+        assert!(uptime_ticks(100) > 0);
+    }
+}

@@ -1,0 +1,209 @@
+//! Finding candidate worker processes in `/proc` by a literal argv pattern.
+
+use crate::error::{Error, Result};
+use crate::identity::Pid;
+use crate::markers::Markers;
+use crate::proc_facts::ProcessFacts;
+use std::io::Read;
+
+/// The default pattern: the DSPex bridge script.
+pub const DEFAULT_PATTERN: &str = "dspy_bridge.py";
+const MAX_PATTERNS: usize = 64;
+const MAX_PATTERN_LEN: usize = 4096;
+
+/// Literal argv patterns. A process matches when one of its argv elements equals a pattern
+/// or has it as its basename (`/opt/app/dspy_bridge.py` matches `dspy_bridge.py`). Never a
+/// regex, never a substring, never a shell string: `dspy_bridge.py.bak` or
+/// `vim dspy_bridge.py.swp` do not match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern {
+    needles: Vec<Vec<u8>>,
+}
+
+impl Default for Pattern {
+    fn default() -> Self {
+        Pattern {
+            needles: vec![DEFAULT_PATTERN.as_bytes().to_vec()],
+        }
+    }
+}
+
+impl Pattern {
+    /// Validates patterns: 1 to 64 of them, each 1 to 4096 bytes, without NUL.
+    pub fn new<S: AsRef<[u8]>>(patterns: &[S]) -> Result<Pattern> {
+        if patterns.is_empty() || patterns.len() > MAX_PATTERNS {
+            return Err(Error::InvalidPattern(format!(
+                "expected 1 to {MAX_PATTERNS} patterns, got {}",
+                patterns.len()
+            )));
+        }
+        let needles = patterns
+            .iter()
+            .map(|p| {
+                let p = p.as_ref();
+                if p.is_empty() || p.len() > MAX_PATTERN_LEN || p.contains(&0) {
+                    Err(Error::InvalidPattern(format!(
+                        "a pattern must be 1 to {MAX_PATTERN_LEN} bytes without NUL, got {:?}",
+                        String::from_utf8_lossy(&p[..p.len().min(64)])
+                    )))
+                } else {
+                    Ok(p.to_vec())
+                }
+            })
+            .collect::<Result<_>>()?;
+        Ok(Pattern { needles })
+    }
+
+    /// Whether the raw `/proc/PID/cmdline` bytes match.
+    pub fn matches_cmdline(&self, cmdline: &[u8]) -> bool {
+        cmdline
+            .split(|b| *b == 0)
+            .filter(|arg| !arg.is_empty())
+            .any(|arg| self.matches_arg(arg))
+    }
+
+    fn matches_arg(&self, arg: &[u8]) -> bool {
+        let base = match arg.iter().rposition(|b| *b == b'/') {
+            Some(slash) => &arg[slash + 1..],
+            None => arg,
+        };
+        self.needles
+            .iter()
+            .any(|n| n.as_slice() == arg || n.as_slice() == base)
+    }
+}
+
+/// What a process's environment says about its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MarkerRead {
+    Present(Markers),
+    Absent,
+    /// The environment is not readable (another user's process, without root).
+    Unreadable,
+}
+
+impl MarkerRead {
+    pub fn markers(&self) -> Option<&Markers> {
+        match self {
+            MarkerRead::Present(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// A process whose argv matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub facts: ProcessFacts,
+    pub markers: MarkerRead,
+}
+
+impl Candidate {
+    /// Reads one process. `None` when it is gone or its argv does not (or no longer)
+    /// match the pattern.
+    pub fn read(pid: Pid, pattern: &Pattern) -> Option<Candidate> {
+        let facts = ProcessFacts::read(pid).ok()?;
+        let argv: Vec<u8> = facts.argv.join("\0").into_bytes();
+        // Exited processes have no argv left to match; scan() only reaches them in the
+        // instant between its cmdline read and this one.
+        if !facts.state.has_exited() && !pattern.matches_cmdline(&argv) {
+            return None;
+        }
+        let markers = match Markers::read(pid) {
+            Ok(Some(m)) => MarkerRead::Present(m),
+            Ok(None) => MarkerRead::Absent,
+            Err(Error::NoSuchProcess(_)) => return None,
+            Err(_) => MarkerRead::Unreadable,
+        };
+        Some(Candidate { facts, markers })
+    }
+}
+
+/// Every live process whose argv matches `pattern`. Processes that vanish while being
+/// read are skipped; so are kernel threads and processes still inside `exec` (empty argv).
+pub fn scan(pattern: &Pattern) -> Vec<Candidate> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut buf = Vec::with_capacity(4096);
+    let mut found = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i64>().ok())
+            .and_then(|n| Pid::new(n).ok())
+        else {
+            continue;
+        };
+        buf.clear();
+        let Ok(mut file) = std::fs::File::open(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if file.read_to_end(&mut buf).is_err() || !pattern.matches_cmdline(&buf) {
+            continue;
+        }
+        if let Some(candidate) = Candidate::read(pid, pattern) {
+            found.push(candidate);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{eventually, spawn_python, unique_tag};
+    use std::time::Duration;
+
+    #[test]
+    fn matches_literal_argv_elements_and_basenames_only() {
+        let p = Pattern::default();
+        assert!(p.matches_cmdline(b"python3\0dspy_bridge.py\0--mode\0pool-worker\0"));
+        assert!(p.matches_cmdline(b"/usr/bin/python3\0/srv/app/priv/dspy_bridge.py\0"));
+        assert!(!p.matches_cmdline(b"python3\0dspy_bridge.py.bak\0"));
+        assert!(!p.matches_cmdline(b"vim\0old_dspy_bridge.py\0"));
+        assert!(!p.matches_cmdline(b"bash\0-c\0python3 dspy_bridge.py\0"));
+        assert!(!p.matches_cmdline(b""));
+
+        let full = Pattern::new(&["/srv/app/x.py", "y.py"]).unwrap();
+        assert!(full.matches_cmdline(b"python3\0/srv/app/x.py\0"));
+        assert!(!full.matches_cmdline(b"python3\0/other/x.py\0"));
+        assert!(full.matches_cmdline(b"python3\0/any/where/y.py\0"));
+    }
+
+    #[test]
+    fn rejects_bad_patterns() {
+        let empty: [&str; 0] = [];
+        assert!(Pattern::new(&empty).is_err());
+        assert!(Pattern::new(&[""]).is_err());
+        assert!(Pattern::new(&["a\0b"]).is_err());
+        assert!(Pattern::new(&["x".repeat(4097)]).is_err());
+        assert!(Pattern::new(&vec!["x"; 65]).is_err());
+        assert!(Pattern::new(&["x".repeat(4096)]).is_ok());
+    }
+
+    #[test]
+    fn scan_finds_exactly_the_processes_with_a_unique_marker() {
+        let tag = unique_tag("scan");
+        let mut children: Vec<_> = (0..3)
+            .map(|_| spawn_python("import time; time.sleep(30)", &tag))
+            .collect();
+        let pattern = Pattern::new(&[tag.as_str()]).unwrap();
+        let want: std::collections::HashSet<i32> = children.iter().map(|c| c.id() as i32).collect();
+        let found = || -> std::collections::HashSet<i32> {
+            scan(&pattern)
+                .iter()
+                .map(|c| c.facts.pid.as_raw())
+                .collect()
+        };
+        eventually(Duration::from_secs(5), || found() == want);
+        let got = found();
+        for c in &mut children {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        assert_eq!(got, want);
+        assert!(scan(&pattern).is_empty());
+    }
+}

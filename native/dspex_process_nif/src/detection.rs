@@ -1,0 +1,196 @@
+//! Orphan detection and termination. Both scan `/proc` or wait, so both run on dirty I/O
+//! schedulers.
+
+use crate::atom;
+use crate::registry::RegistryResource;
+use dspex_process::classify::{self, Class, Registered};
+use dspex_process::scan::{MarkerRead, Pattern};
+use dspex_process::terminate::{self, Outcome, TerminateOptions};
+use dspex_process::{Pid, ProcessIdentity};
+use rustler::{Atom, Binary, Encoder, Env, NifMap, ResourceArc, Term};
+use std::collections::HashMap;
+use std::time::Duration;
+
+mod atoms {
+    rustler::atoms! { ok, error, graceful, force_killed, already_gone, still_alive, signal_failed, invalid_pattern }
+}
+
+#[derive(NifMap)]
+struct Owner {
+    pid: i32,
+    start_time: u64,
+    run_id: Option<String>,
+    worker_id: Option<String>,
+    fingerprint: Option<String>,
+}
+
+#[derive(NifMap)]
+struct Detected {
+    pid: i32,
+    start_time: u64,
+    ppid: i32,
+    pgid: i32,
+    uid: u32,
+    state: Atom,
+    cmdline: String,
+    class: Atom,
+    reason: Option<Atom>,
+    owner: Option<Owner>,
+    markers_readable: bool,
+    age_ms: u64,
+}
+
+/// This VM's identity: its OS pid and start time.
+pub(crate) fn this_beam() -> Option<ProcessIdentity> {
+    Pid::new(i64::from(std::process::id()))
+        .and_then(ProcessIdentity::of)
+        .ok()
+}
+
+/// Scans for `patterns` and classifies every match as seen from this VM, with the live
+/// workers of `registry` (or none, for `nil`).
+#[rustler::nif(schedule = "DirtyIo")]
+fn detect<'a>(
+    env: Env<'a>,
+    registry: Option<ResourceArc<RegistryResource>>,
+    patterns: Vec<Binary>,
+    min_age_ms: u64,
+) -> Term<'a> {
+    let pattern = match Pattern::new(&patterns.iter().map(|b| b.as_slice()).collect::<Vec<_>>()) {
+        Ok(p) => p,
+        Err(_) => return (atoms::error(), atoms::invalid_pattern()).encode(env),
+    };
+    let registered: HashMap<Pid, Registered> = registry
+        .map(|r| {
+            r.live_python(env)
+                .into_iter()
+                .map(|id| {
+                    let entry = Registered {
+                        start_time: id.start_time,
+                        alive: true,
+                    };
+                    (id.pid, entry)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let detections = classify::detect(
+        &pattern,
+        this_beam(),
+        registered,
+        Duration::from_millis(min_age_ms),
+    );
+    let out: Vec<Detected> = detections
+        .into_iter()
+        .map(|d| {
+            let facts = d.candidate.facts;
+            let owner = d.candidate.markers.markers().map(|m| Owner {
+                pid: m.owner.pid.as_raw(),
+                start_time: m.owner.start_time,
+                run_id: m.run_id.clone(),
+                worker_id: m.worker_id.clone(),
+                fingerprint: m.fingerprint.clone(),
+            });
+            let reason = match d.class {
+                Class::Orphan(r) => Some(atom(env, r.name())),
+                _ => None,
+            };
+            Detected {
+                pid: facts.pid.as_raw(),
+                start_time: facts.start_time,
+                ppid: facts.ppid,
+                pgid: facts.pgid,
+                uid: facts.uid,
+                state: atom(env, facts.state.name()),
+                cmdline: facts.argv.join(" "),
+                class: atom(env, d.class.name()),
+                reason,
+                owner,
+                markers_readable: !matches!(d.candidate.markers, MarkerRead::Unreadable),
+                age_ms: d.age_ms,
+            }
+        })
+        .collect();
+    (atoms::ok(), out).encode(env)
+}
+
+/// Terminates `targets` (`{pid, start_time}` pairs) in parallel with one shared grace.
+#[rustler::nif(schedule = "DirtyIo")]
+fn terminate<'a>(
+    env: Env<'a>,
+    targets: Vec<(i64, u64)>,
+    grace_ms: u64,
+    kill_wait_ms: u64,
+    kill_group: bool,
+    allow_other_users: bool,
+) -> Vec<Term<'a>> {
+    let options = TerminateOptions {
+        grace: Duration::from_millis(grace_ms),
+        kill_wait: Duration::from_millis(kill_wait_ms),
+        kill_group,
+        allow_other_users,
+    };
+    // Invalid pids (<= 1, > i32::MAX) are answered without reaching the terminator.
+    let parsed: Vec<Option<ProcessIdentity>> = targets
+        .iter()
+        .map(|&(pid, start_time)| {
+            Pid::new(pid)
+                .ok()
+                .map(|pid| ProcessIdentity { pid, start_time })
+        })
+        .collect();
+    let valid: Vec<ProcessIdentity> = parsed.iter().flatten().copied().collect();
+    let mut outcomes = terminate::terminate(&valid, &options).into_iter();
+    parsed
+        .iter()
+        .map(|p| match p {
+            None => (atoms::error(), atom(env, "invalid_pid")).encode(env),
+            Some(_) => encode_outcome(env, outcomes.next().unwrap_or(Outcome::AlreadyGone)),
+        })
+        .collect()
+}
+
+fn encode_outcome(env: Env, outcome: Outcome) -> Term {
+    match outcome {
+        Outcome::Graceful => (atoms::ok(), atoms::graceful()).encode(env),
+        Outcome::ForceKilled => (atoms::ok(), atoms::force_killed()).encode(env),
+        Outcome::AlreadyGone => (atoms::ok(), atoms::already_gone()).encode(env),
+        Outcome::StillAlive => (atoms::error(), atoms::still_alive()).encode(env),
+        Outcome::Refused(r) => (atoms::error(), atom(env, r.name())).encode(env),
+        Outcome::SignalFailed(errno) => {
+            (atoms::error(), (atoms::signal_failed(), errno)).encode(env)
+        }
+    }
+}
+
+/// `{os_pid, start_time}` of this VM, for the ownership markers.
+#[rustler::nif]
+fn beam_identity() -> Option<(i32, u64)> {
+    this_beam().map(|id| (id.pid.as_raw(), id.start_time))
+}
+
+#[derive(NifMap)]
+struct Capabilities {
+    proc_filesystem: bool,
+    pidfd: bool,
+    environ_readable: bool,
+}
+
+/// What the native side can use on this machine.
+#[rustler::nif(schedule = "DirtyIo")]
+fn capabilities() -> Capabilities {
+    Capabilities {
+        proc_filesystem: std::path::Path::new("/proc/self/stat").exists(),
+        pidfd: terminate::pidfd_supported(),
+        environ_readable: std::fs::read("/proc/self/environ").is_ok(),
+    }
+}
+
+/// The start time of `pid` now: one small read of `/proc/PID/stat`.
+#[rustler::nif]
+fn process_start_time(env: Env, pid: i64) -> Term {
+    match Pid::new(pid).and_then(ProcessIdentity::of) {
+        Ok(id) => (atoms::ok(), id.start_time).encode(env),
+        Err(e) => (atoms::error(), atom(env, e.reason())).encode(env),
+    }
+}

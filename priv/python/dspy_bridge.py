@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Stand-in for the DSPex Python bridge (stdlib only), for the demo and the tests.
+
+It speaks the Port protocol of the real bridge's pool workers: each message on stdin and
+stdout is a 4-byte big-endian length followed by the payload ({:packet, 4}). Requests are
+short UTF-8 commands:
+
+    ping            -> pong
+    echo TEXT       -> TEXT
+    pid             -> this process's pid
+    children        -> the pids of the children it forked, space separated
+    env NAME        -> the value of an environment variable ("" when unset)
+
+Flags:
+    --mode MODE          accepted for compatibility (pool-worker)
+    --ignore-sigterm     ignore SIGTERM (only SIGKILL ends it)
+    --linger             keep running after stdin closes, as the old DSPex bridge did:
+                         this is how its orphans were born
+    --spawn-children N   fork N children into the same process group; they exit when
+                         the parent is gone unless the parent lingers
+"""
+
+import argparse
+import os
+import signal
+import struct
+import sys
+import time
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", default="pool-worker")
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--linger", action="store_true")
+    parser.add_argument("--spawn-children", type=int, default=0, metavar="N")
+    # Extra arguments (e.g. a unique test marker) are accepted and ignored.
+    args, _unknown = parser.parse_known_args(argv)
+    return args
+
+
+def child_loop(parent):
+    # Stay while the parent that forked us lives; a lingering parent keeps us alive too.
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(0)
+
+
+def spawn_children(count):
+    pids = []
+    parent = os.getpid()
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            child_loop(parent)
+        pids.append(pid)
+    return pids
+
+
+def read_exact(stream, size):
+    data = b""
+    while len(data) < size:
+        chunk = stream.read(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def answer(request, children):
+    command, _, rest = request.decode("utf-8", "replace").partition(" ")
+    if command == "ping":
+        return "pong"
+    if command == "echo":
+        return rest
+    if command == "pid":
+        return str(os.getpid())
+    if command == "children":
+        return " ".join(str(p) for p in children)
+    if command == "env":
+        return os.environ.get(rest, "")
+    return "error: unknown command " + command
+
+
+def serve(children):
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        header = read_exact(stdin, 4)
+        if header is None:
+            return
+        (length,) = struct.unpack(">I", header)
+        request = read_exact(stdin, length)
+        if request is None:
+            return
+        reply = answer(request, children).encode("utf-8")
+        stdout.write(struct.pack(">I", len(reply)) + reply)
+        stdout.flush()
+
+
+def main():
+    args = parse_args(sys.argv[1:])
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    children = spawn_children(args.spawn_children)
+    serve(children)
+    if args.linger:
+        while True:
+            time.sleep(3600)
+
+
+if __name__ == "__main__":
+    main()
