@@ -5,12 +5,29 @@ defmodule DSPex.Test.OSProcess do
   else.
   """
 
+  @doc """
+  The real interpreter behind `python3`, resolved once. Where `python3` is a pyenv shim,
+  the shim forks helper shells that carry the same argv for a moment; tests that count
+  processes want one process per spawn.
+  """
+  def python do
+    case :persistent_term.get({__MODULE__, :python}, nil) do
+      nil ->
+        shim = System.find_executable("python3") || raise "python3 is needed for the tests"
+        {path, 0} = System.cmd(shim, ["-c", "import sys; print(sys.executable)"])
+        path = String.trim(path)
+        :persistent_term.put({__MODULE__, :python}, path)
+        path
+
+      path ->
+        path
+    end
+  end
+
   @doc "Starts `python3` waiting on stdin; returns `{port, os_pid}`."
   def start_python(extra_args \\ []) do
-    python = System.find_executable("python3") || raise "python3 is needed for the tests"
-
     port =
-      Port.open({:spawn_executable, python}, [
+      Port.open({:spawn_executable, python()}, [
         :binary,
         args: ["-c", "import sys; sys.stdin.read()" | extra_args]
       ])
@@ -50,6 +67,39 @@ defmodule DSPex.Test.OSProcess do
   def dead_pid do
     {pid, ref} = spawn_monitor(fn -> :ok end)
     receive do: ({:DOWN, ^ref, _, _, _} -> pid)
+  end
+
+  @doc """
+  A copy of the bundled bridge under a name unique to this test run, in a temp folder:
+  scans and cleanups that use its basename as the pattern can only ever see processes this
+  test started.
+  """
+  def unique_bridge(tag) do
+    name = "dspy_bridge_#{tag}_#{System.unique_integer([:positive])}_#{System.pid()}.py"
+    dir = Path.join(System.tmp_dir!(), "dspex_process_test")
+    File.mkdir_p!(dir)
+    path = Path.join(dir, name)
+    File.cp!(DSPex.Python.Worker.default_script(), path)
+    {path, name}
+  end
+
+  @doc "Whether the process `os_pid` still runs with start time `start` (zombies count as gone)."
+  def alive?(os_pid, start) do
+    case File.read("/proc/#{os_pid}/stat") do
+      {:ok, stat} ->
+        [_, rest] = Regex.run(~r/\)([^)]*)$/s, stat)
+        [state | _] = fields = String.split(rest)
+        state not in ["Z", "X"] and String.to_integer(Enum.at(fields, 19)) == start
+
+      {:error, _} ->
+        false
+    end
+  end
+
+  @doc "Sends SIGKILL to an OS process that the calling test started itself."
+  def kill9(os_pid) when is_integer(os_pid) and os_pid > 1 do
+    {_, 0} = System.cmd("kill", ["-9", Integer.to_string(os_pid)])
+    :ok
   end
 
   @doc "A unique registry name for one test."

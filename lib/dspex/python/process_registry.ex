@@ -35,6 +35,11 @@ defmodule DSPex.Python.ProcessRegistry do
       its last, optional argument. Default: `DSPex.Python.ProcessRegistry`.
     * `:cleanup_interval` - milliseconds between safety-net sweeps of dead workers, a
       positive integer or `:infinity`. Default: `30_000`.
+    * `:cleanup_on_start` - when the registry starts, end the orphans whose owner BEAM is
+      dead (reason `:owner_dead`), e.g. the workers of a previous run that crashed.
+      `false` (default), `true`, or a keyword list of `DSPex.Python.OrphanDetector`
+      options (such as `:pattern` or `:grace_ms`). It runs after `init/1` returns, so it
+      never delays the start.
 
   Calls work directly against the native table (they do not go through the GenServer), so
   they stay fast under load and keep working while the registry process restarts.
@@ -203,7 +208,25 @@ defmodule DSPex.Python.ProcessRegistry do
 
     state = %{name: opts[:name], interval: opts[:cleanup_interval]}
     schedule_sweep(state)
-    {:ok, state}
+
+    case opts[:cleanup_on_start] do
+      false -> {:ok, state}
+      detector_opts -> {:ok, state, {:continue, {:cleanup_on_start, detector_opts}}}
+    end
+  end
+
+  @impl true
+  def handle_continue({:cleanup_on_start, detector_opts}, state) do
+    report = DSPex.Python.OrphanDetector.cleanup_orphaned_processes(detector_opts)
+
+    if report.found > 0 do
+      Logger.info(
+        "DSPex.Python.ProcessRegistry #{inspect(state.name)} ended #{report.terminated} of " <>
+          "#{report.found} orphan(s) of dead BEAMs on start (#{report.errors} error(s))"
+      )
+    end
+
+    {:noreply, state}
   end
 
   @impl true
@@ -249,7 +272,12 @@ defmodule DSPex.Python.ProcessRegistry do
       raise ArgumentError, "ProcessRegistry options must be a keyword list, got: #{inspect(opts)}"
     end
 
-    opts = Keyword.validate!(opts, name: @default_name, cleanup_interval: @default_interval)
+    opts =
+      Keyword.validate!(opts,
+        name: @default_name,
+        cleanup_interval: @default_interval,
+        cleanup_on_start: false
+      )
 
     case opts[:name] do
       name when is_atom(name) and name not in [nil, true, false] -> :ok
@@ -268,7 +296,21 @@ defmodule DSPex.Python.ProcessRegistry do
               "invalid :cleanup_interval #{inspect(other)}, expected a positive integer (ms) or :infinity"
     end
 
-    opts
+    Keyword.update!(opts, :cleanup_on_start, &cleanup_on_start_options!(&1, opts[:name]))
+  end
+
+  defp cleanup_on_start_options!(false, _name), do: false
+  defp cleanup_on_start_options!(true, name), do: cleanup_on_start_options!([], name)
+
+  defp cleanup_on_start_options!(detector_opts, name) when is_list(detector_opts) do
+    [registry: name, reasons: [:owner_dead]]
+    |> Keyword.merge(detector_opts)
+    |> DSPex.Python.OrphanDetector.validate!()
+  end
+
+  defp cleanup_on_start_options!(other, _name) do
+    raise ArgumentError,
+          "invalid :cleanup_on_start #{inspect(other)}, expected a boolean or a keyword list"
   end
 
   defp check_elixir_pid!(pid) when is_pid(pid) and node(pid) == node(), do: :ok

@@ -63,6 +63,14 @@ defmodule DSPex.Python.Worker do
     GenServer.start_link(__MODULE__, opts, gen_opts)
   end
 
+  @doc "Starts a worker outside a supervision tree (not linked to the caller)."
+  @spec start([option()]) :: GenServer.on_start()
+  def start(opts) do
+    opts = validate!(opts)
+    gen_opts = if opts[:name], do: [name: opts[:name]], else: []
+    GenServer.start(__MODULE__, opts, gen_opts)
+  end
+
   @doc """
   Sends `request` (a binary) to the Python process and waits for its reply.
   """

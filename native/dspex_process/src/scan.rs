@@ -103,6 +103,10 @@ impl Candidate {
     /// match the pattern.
     pub fn read(pid: Pid, pattern: &Pattern) -> Option<Candidate> {
         let facts = ProcessFacts::read(pid).ok()?;
+        // A VM is never a worker, even when a worker's script path is among its arguments.
+        if crate::classify::is_beam(&facts.comm) {
+            return None;
+        }
         let argv: Vec<u8> = facts.argv.join("\0").into_bytes();
         // Exited processes have no argv left to match; scan() only reaches them in the
         // instant between its cmdline read and this one.

@@ -1,0 +1,105 @@
+defmodule DSPex.Test.PeerBeam do
+  @moduledoc """
+  A second, real BEAM (an `elixir` OS process loading this application) that starts
+  workers, reports their pids, and waits. The test can stop it politely (close its stdin)
+  or `kill -9` it to make real orphans.
+  """
+
+  import DSPex.Test.OSProcess
+
+  defstruct [:port, :os_pid, :worker_pids]
+
+  @peer_code """
+  [count | args] = System.argv()
+  script = System.fetch_env!("PEER_SCRIPT")
+  python = System.fetch_env!("PEER_PYTHON")
+  {:ok, _} = Application.ensure_all_started(:dspex_process)
+
+  workers =
+    for i <- 1..String.to_integer(count) do
+      {:ok, w} =
+        DSPex.Python.Worker.start_link(
+          worker_id: "peer_\#{i}",
+          script: script,
+          python: python,
+          args: args
+        )
+
+      w
+    end
+
+  Enum.each(workers, fn w -> {:ok, "pong"} = DSPex.Python.Worker.call(w, "ping") end)
+  pids = Enum.map(workers, &DSPex.Python.Worker.os_pid/1)
+  IO.puts("READY \#{System.pid()} \#{Enum.join(pids, " ")}")
+  IO.read(:stdio, :line)
+  Enum.each(workers, &GenServer.stop/1)
+  System.halt(0)
+  """
+
+  @doc """
+  Starts a peer BEAM running `count` workers of `script` with `args`. Returns once every
+  worker is registered there.
+  """
+  def start(script, count, args \\ []) do
+    elixir = System.find_executable("elixir") || raise "elixir is needed for the tests"
+    ebin = :code.lib_dir(:dspex_process, :ebin) |> List.to_string()
+
+    port =
+      Port.open({:spawn_executable, elixir}, [
+        :binary,
+        :exit_status,
+        {:line, 4096},
+        # The script goes in the environment: the peer's own argv must not match it.
+        env: [
+          {~c"PEER_SCRIPT", String.to_charlist(script)},
+          {~c"PEER_PYTHON", String.to_charlist(python())}
+        ],
+        args: ["-pa", ebin, "-e", @peer_code, Integer.to_string(count)] ++ args
+      ])
+
+    await_ready(port, "")
+  end
+
+  defp await_ready(port, acc) do
+    receive do
+      {^port, {:data, {:eol, line}}} ->
+        case String.split(acc <> line) do
+          ["READY", beam | pids] ->
+            %__MODULE__{
+              port: port,
+              os_pid: String.to_integer(beam),
+              worker_pids: Enum.map(pids, &String.to_integer/1)
+            }
+
+          _ ->
+            await_ready(port, "")
+        end
+
+      {^port, {:data, {:noeol, part}}} ->
+        await_ready(port, acc <> part)
+
+      {^port, {:exit_status, status}} ->
+        raise "peer BEAM exited with status #{status} before it was ready"
+    after
+      30_000 -> raise "peer BEAM did not start in 30 s"
+    end
+  end
+
+  @doc "Kills the peer BEAM with SIGKILL and waits until it is gone."
+  def kill(%__MODULE__{port: port, os_pid: os_pid}) do
+    kill9(os_pid)
+
+    receive do
+      {^port, {:exit_status, _}} -> :ok
+    after
+      10_000 -> raise "peer BEAM #{os_pid} survived kill -9"
+    end
+  end
+
+  @doc "Stops the peer politely: its workers stop, then it halts."
+  def stop(%__MODULE__{port: port, os_pid: os_pid}) do
+    Port.close(port)
+    true = eventually(fn -> not File.exists?("/proc/#{os_pid}") end, 15_000)
+    :ok
+  end
+end
