@@ -255,7 +255,7 @@ defmodule DSPex.Python.OrphanDetectorTest do
     port =
       Port.open({:spawn_executable, System.find_executable("sh")}, [
         :binary,
-        args: ["-c", ~s("$PY" "$SCRIPT" --linger; exit 0)],
+        args: ["-c", ~s(exec 2>/dev/null; "$PY" "$SCRIPT" --linger; exit 0)],
         env: [{~c"PY", String.to_charlist(python())}, {~c"SCRIPT", String.to_charlist(script)}]
       ])
 

@@ -119,6 +119,17 @@ defmodule DSPex.Python.Worker do
   @impl true
   def init(opts) do
     Process.flag(:trap_exit, true)
+
+    # Refuse before spawning anything: a worker that cannot register must not run.
+    try do
+      ProcessRegistry.resource!(opts[:registry])
+      start_python(opts)
+    rescue
+      error in ProcessRegistry.NotRunningError -> {:stop, error}
+    end
+  end
+
+  defp start_python(opts) do
     id = opts[:worker_id]
     fingerprint = fingerprint(id)
     env = markers(id, fingerprint) ++ opts[:env]
