@@ -1,7 +1,7 @@
 defmodule Mix.Tasks.Compile.DspexNative do
   @moduledoc """
   Builds the Rust workspace with `cargo build --release` and puts the NIF under the
-  application's `priv/native/`.
+  application's `priv/native/` and the `dspex-proc` CLI under `priv/bin/`.
 
   Cargo decides what is stale, so running it on every compile costs a fraction of a second
   when nothing changed. The library is removed before the copy: a running VM may have the old
@@ -9,7 +9,8 @@ defmodule Mix.Tasks.Compile.DspexNative do
   """
   use Mix.Task.Compiler
 
-  @nif "libdspex_process_nif.so"
+  # {file cargo builds, folder under the app's priv}
+  @artifacts [{"libdspex_process_nif.so", "native"}, {"dspex-proc", "bin"}]
 
   @impl true
   def run(_args) do
@@ -26,10 +27,15 @@ defmodule Mix.Tasks.Compile.DspexNative do
     end
 
     target = Path.join(System.get_env("CARGO_TARGET_DIR", Path.join(root, "target")), "release")
-    dest = Path.join([Mix.Project.app_path(), "priv", "native"])
-    File.mkdir_p!(dest)
 
-    if install(Path.join(target, @nif), Path.join(dest, @nif)), do: {:ok, []}, else: {:noop, []}
+    installed =
+      for {file, folder} <- @artifacts do
+        dest = Path.join([Mix.Project.app_path(), "priv", folder])
+        File.mkdir_p!(dest)
+        install(Path.join(target, file), Path.join(dest, file))
+      end
+
+    if Enum.any?(installed), do: {:ok, []}, else: {:noop, []}
   end
 
   defp install(source, dest) do

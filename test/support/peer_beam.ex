@@ -13,6 +13,7 @@ defmodule DSPex.Test.PeerBeam do
   [count | args] = System.argv()
   script = System.fetch_env!("PEER_SCRIPT")
   python = System.fetch_env!("PEER_PYTHON")
+  guard = System.fetch_env!("PEER_GUARD") == "true"
   {:ok, _} = Application.ensure_all_started(:dspex_process)
 
   workers =
@@ -22,7 +23,8 @@ defmodule DSPex.Test.PeerBeam do
           worker_id: "peer_\#{i}",
           script: script,
           python: python,
-          args: args
+          args: args,
+          guard: guard
         )
 
       w
@@ -37,10 +39,12 @@ defmodule DSPex.Test.PeerBeam do
   """
 
   @doc """
-  Starts a peer BEAM running `count` workers of `script` with `args`. Returns once every
-  worker is registered there.
+  Starts a peer BEAM running `count` workers of `script` with `args`; `guard: true` starts
+  them through the PDEATHSIG guard (default `false`, so that they can be orphaned). Returns
+  once every worker answers.
   """
-  def start(script, count, args \\ []) do
+  def start(script, count, args \\ [], opts \\ []) do
+    guard = Keyword.get(opts, :guard, false)
     elixir = System.find_executable("elixir") || raise "elixir is needed for the tests"
     ebin = :code.lib_dir(:dspex_process, :ebin) |> List.to_string()
 
@@ -52,7 +56,8 @@ defmodule DSPex.Test.PeerBeam do
         # The script goes in the environment: the peer's own argv must not match it.
         env: [
           {~c"PEER_SCRIPT", String.to_charlist(script)},
-          {~c"PEER_PYTHON", String.to_charlist(python())}
+          {~c"PEER_PYTHON", String.to_charlist(python())},
+          {~c"PEER_GUARD", ~c"#{guard}"}
         ],
         args: ["-pa", ebin, "-e", @peer_code, Integer.to_string(count)] ++ args
       ])

@@ -23,6 +23,11 @@ defmodule DSPex.Python.Worker do
     * `:registry` - the registry name. Default `DSPex.Python.ProcessRegistry`.
     * `:name` - a name to register the GenServer under (optional).
     * `:shutdown_grace_ms` - SIGTERM to SIGKILL when stopping. Default `1_000`.
+    * `:guard` - start Python through `dspex-proc exec --pdeathsig SIG`, which sets
+      `PR_SET_PDEATHSIG` and then execs Python in place (same pid): when the BEAM dies, even
+      by `kill -9`, the kernel signals the worker at once. `true` (default, SIGKILL),
+      `false`, or one of `:kill`, `:term`, `:int`, `:hup`, `:quit`, `:usr1`, `:usr2`.
+      Children that the worker forks are not covered by the guard; the detector finds them.
 
   ## Example
 
@@ -44,6 +49,7 @@ defmodule DSPex.Python.Worker do
           | {:registry, atom()}
           | {:name, GenServer.name()}
           | {:shutdown_grace_ms, non_neg_integer()}
+          | {:guard, boolean() | atom()}
 
   @doc "A child spec whose id is `{DSPex.Python.Worker, worker_id}`."
   @spec child_spec([option()]) :: Supervisor.child_spec()
@@ -108,6 +114,24 @@ defmodule DSPex.Python.Worker do
     ]
   end
 
+  @doc "The `dspex-proc` executable that the mix compiler puts under the app's `priv/bin`."
+  @spec guard_executable() :: String.t()
+  def guard_executable do
+    Path.join([:code.priv_dir(:dspex_process), "bin", "dspex-proc"])
+  end
+
+  defp guard_executable! do
+    path = guard_executable()
+
+    if File.regular?(path) do
+      path
+    else
+      raise ArgumentError,
+            "the :guard option needs #{path} (built by `mix compile`); " <>
+              "compile the project or pass guard: false"
+    end
+  end
+
   @doc "The default script: the bundled bridge stand-in."
   @spec default_script() :: String.t()
   def default_script do
@@ -134,12 +158,20 @@ defmodule DSPex.Python.Worker do
     fingerprint = fingerprint(id)
     env = markers(id, fingerprint) ++ opts[:env]
 
+    python_argv = [opts[:python], opts[:script], "--mode", "pool-worker" | opts[:args]]
+
+    {program, args} =
+      case opts[:guard] do
+        false -> {opts[:python], tl(python_argv)}
+        signal -> {guard_executable!(), ["exec", "--pdeathsig", signal, "--" | python_argv]}
+      end
+
     port =
-      Port.open({:spawn_executable, opts[:python]}, [
+      Port.open({:spawn_executable, program}, [
         :binary,
         :exit_status,
         {:packet, 4},
-        args: [opts[:script], "--mode", "pool-worker" | opts[:args]],
+        args: args,
         env: Enum.map(env, fn {k, v} -> {String.to_charlist(k), String.to_charlist(v)} end)
       ])
 
@@ -292,7 +324,8 @@ defmodule DSPex.Python.Worker do
         args: [],
         env: [],
         registry: ProcessRegistry,
-        shutdown_grace_ms: 1_000
+        shutdown_grace_ms: 1_000,
+        guard: true
       ])
 
     python = opts[:python] || System.find_executable("python3")
@@ -313,7 +346,24 @@ defmodule DSPex.Python.Worker do
     grace = opts[:shutdown_grace_ms]
     check!(is_integer(grace) and grace >= 0, :shutdown_grace_ms, grace)
 
-    opts |> Keyword.put(:python, python) |> Keyword.put(:script, script)
+    opts
+    |> Keyword.put(:python, python)
+    |> Keyword.put(:script, script)
+    |> Keyword.update!(:guard, &guard_signal!/1)
+  end
+
+  @guard_signals [:kill, :term, :int, :hup, :quit, :usr1, :usr2]
+
+  defp guard_signal!(false), do: false
+  defp guard_signal!(true), do: "KILL"
+
+  defp guard_signal!(signal) when signal in @guard_signals,
+    do: signal |> Atom.to_string() |> String.upcase()
+
+  defp guard_signal!(other) do
+    raise ArgumentError,
+          "invalid value for :guard: #{inspect(other)}, expected a boolean or one of " <>
+            inspect(@guard_signals)
   end
 
   defp check!(true, _key, _value), do: :ok

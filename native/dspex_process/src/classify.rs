@@ -158,10 +158,7 @@ pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessL
     }
 
     if let Some(m) = markers {
-        let owner_alive = lookup
-            .get(m.owner.pid.as_raw())
-            .is_some_and(|info| info.start_time == m.owner.start_time && is_beam(&info.comm));
-        return if owner_alive {
+        return if is_live_beam(&m.owner, lookup) {
             Class::Foreign
         } else {
             Class::Orphan(OrphanReason::OwnerDead)
@@ -264,6 +261,23 @@ impl ProcessLookup for ProcLookup {
     }
 }
 
+/// Whether `owner` names a live BEAM now: same pid, same start time, and a VM's name.
+pub fn is_live_beam(owner: &ProcessIdentity, lookup: &mut impl ProcessLookup) -> bool {
+    lookup
+        .get(owner.pid.as_raw())
+        .is_some_and(|info| info.start_time == owner.start_time && is_beam(&info.comm))
+}
+
+/// Health by the share of orphans among matching processes: 0, under 10 %, under 30 %, more.
+pub fn health(orphans: usize, total: usize) -> &'static str {
+    match orphans {
+        0 => "healthy",
+        n if n * 10 < total => "good",
+        n if n * 10 < total * 3 => "degraded",
+        _ => "critical",
+    }
+}
+
 fn read_proc_info(pid: i32) -> Option<ProcInfo> {
     let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
     Some(ProcInfo {
@@ -357,6 +371,17 @@ mod tests {
 
     fn class_of(c: &Candidate, ctx: &Context) -> Class {
         classify(c, ctx, &mut table())
+    }
+
+    #[test]
+    fn health_follows_the_orphan_ratio() {
+        assert_eq!(health(0, 0), "healthy");
+        assert_eq!(health(0, 10), "healthy");
+        assert_eq!(health(1, 11), "good");
+        assert_eq!(health(1, 10), "degraded");
+        assert_eq!(health(3, 11), "degraded");
+        assert_eq!(health(3, 10), "critical");
+        assert_eq!(health(1, 1), "critical");
     }
 
     #[test]

@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# kill_python.sh - end orphaned DSPex Python workers without touching active ones.
+#
+# Intelligent mode (default when the dspex-proc CLI is found): marker-based cleanup, so the
+# workers of every live BEAM are protected and only orphans are ended.
+# Node mode (--node NAME): asks that live node's OrphanDetector over distributed Erlang.
+# Manual mode (no CLI, or --manual): lists every matching process, warns that it cannot
+# tell active from orphaned, and asks before ending them all.
+#
+# Exit codes: 0 done (or nothing to do), 1 some processes could not be ended, 2 bad
+# arguments, 3 not confirmed, 4 the node could not be reached.
+
+set -euo pipefail
+
+PATTERN="dspy_bridge.py"
+GRACE_MS=1000
+DRY_RUN=0
+YES=0
+MANUAL=0
+NODE=""
+COOKIE=""
+CLI="${DSPEX_PROC:-}"
+SELF_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+  cat <<'EOF'
+Usage: kill_python.sh [options]
+
+  --pattern P     literal argv pattern: an argument or its basename (default dspy_bridge.py)
+  --grace MS      milliseconds between SIGTERM and SIGKILL (default 1000)
+  --dry-run       show what would be ended; signal nothing
+  --yes, -y       do not ask (manual mode refuses without a terminal unless given)
+  --node NAME     ask this live node's OrphanDetector (distributed Erlang)
+  --cookie C      the node's cookie (with --node)
+  --manual        manual mode even when dspex-proc is available
+  --cli PATH      the dspex-proc executable to use (also: $DSPEX_PROC)
+  --help, -h      this text
+
+Exit codes: 0 done, 1 some processes could not be ended, 2 bad arguments,
+3 not confirmed, 4 the node could not be reached.
+EOF
+}
+
+die_usage() {
+  printf 'kill_python.sh: %s\n\n' "$1" >&2
+  usage >&2
+  exit 2
+}
+
+need_value() {
+  [[ $# -ge 2 && -n "$2" ]] || die_usage "$1 needs a value"
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --pattern) need_value "$@"; PATTERN="$2"; shift 2 ;;
+    --grace) need_value "$@"; GRACE_MS="$2"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --yes|-y) YES=1; shift ;;
+    --node) need_value "$@"; NODE="$2"; shift 2 ;;
+    --cookie) need_value "$@"; COOKIE="$2"; shift 2 ;;
+    --manual) MANUAL=1; shift ;;
+    --cli) need_value "$@"; CLI="$2"; shift 2 ;;
+    --help|-h) usage; exit 0 ;;
+    *) die_usage "unknown argument: $1" ;;
+  esac
+done
+
+[[ "$GRACE_MS" =~ ^[0-9]+$ ]] || die_usage "--grace must be a number of milliseconds"
+[[ "$PATTERN" != *$'\n'* ]] || die_usage "--pattern must be one line"
+[[ -z "$COOKIE" || -n "$NODE" ]] || die_usage "--cookie goes with --node"
+
+# --- node mode -------------------------------------------------------------------------
+if [[ -n "$NODE" ]]; then
+  echo "Detecting orphaned Python processes..."
+  command -v erl >/dev/null 2>&1 || { echo "erl is not installed: cannot reach $NODE" >&2; exit 4; }
+  echo "🔧 Asking node $NODE for an intelligent cleanup..."
+  name_flag="-sname"
+  if [[ "$NODE" == *@*.* ]]; then name_flag="-name"; fi
+  cookie_args=()
+  if [[ -n "$COOKIE" ]]; then cookie_args=(-setcookie "$COOKIE"); fi
+  dry=false
+  if [[ $DRY_RUN -eq 1 ]]; then dry=true; fi
+  # Values reach the Erlang code through the environment, never through string splicing.
+  set +e
+  KP_NODE="$NODE" KP_PATTERN="$PATTERN" KP_GRACE="$GRACE_MS" KP_DRY="$dry" \
+    erl -noshell -hidden "$name_flag" "kill_python_$$" "${cookie_args[@]}" -eval '
+      Node = list_to_atom(os:getenv("KP_NODE")),
+      Opts = [{pattern, unicode:characters_to_binary(os:getenv("KP_PATTERN"))},
+              {grace_ms, list_to_integer(os:getenv("KP_GRACE"))},
+              {dry_run, os:getenv("KP_DRY") =:= "true"}],
+      case rpc:call(Node, '"'"'Elixir.DSPex.Python.OrphanDetector'"'"',
+                    cleanup_orphaned_processes, [Opts], 60000) of
+        #{found := F, terminated := T, errors := E, preserved_active := P} ->
+          io:format("🧹 Cleanup complete:~n  - Found: ~b orphaned processes~n"
+                    "  - Terminated: ~b processes~n  - Errors: ~b~n"
+                    "  - Preserved: ~b active workers~n", [F, T, E, P]),
+          halt(case E of 0 -> 0; _ -> 1 end);
+        Other ->
+          io:format(standard_error, "node ~s did not answer: ~p~n", [Node, Other]),
+          halt(4)
+      end.'
+  status=$?
+  set -e
+  if [[ $status -eq 0 ]]; then echo "✅ Intelligent cleanup completed successfully"; fi
+  exit "$status"
+fi
+
+# --- intelligent mode ------------------------------------------------------------------
+find_cli() {
+  if [[ -n "$CLI" ]]; then
+    [[ -x "$CLI" ]] && { echo "$CLI"; return 0; }
+    return 1
+  fi
+  local candidate
+  for candidate in "$SELF_DIR"/priv/bin/dspex-proc "$SELF_DIR"/_build/*/lib/dspex_process/priv/bin/dspex-proc; do
+    [[ -x "$candidate" ]] && { echo "$candidate"; return 0; }
+  done
+  command -v dspex-proc 2>/dev/null
+}
+
+if [[ $MANUAL -eq 0 ]] && cli_path="$(find_cli)"; then
+  echo "🔧 dspex-proc found, using intelligent (marker-based) cleanup..."
+  args=(cleanup --yes --pattern "$PATTERN" --grace "$GRACE_MS")
+  if [[ $DRY_RUN -eq 1 ]]; then args+=(--dry-run); fi
+  set +e
+  "$cli_path" "${args[@]}"
+  status=$?
+  set -e
+  if [[ $status -eq 0 ]]; then echo "✅ Intelligent cleanup completed successfully"; fi
+  exit "$status"
+fi
+
+# --- manual mode -----------------------------------------------------------------------
+echo "Detecting orphaned Python processes..."
+echo "🔧 Manual cleanup mode (dspex-proc not available)"
+
+# Field N (counted from 1 like proc(5)) of /proc/PID/stat, counted past the command name.
+stat_field() {
+  local stat rest
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  rest="${stat##*) }"
+  # rest starts at field 3
+  local -a fields
+  read -r -a fields <<<"$rest"
+  echo "${fields[$(($2 - 3))]}"
+}
+
+self_pgid="$(stat_field $$ 5)"
+
+matches_pattern() {
+  local arg
+  local -a argv=()
+  mapfile -d '' -t argv <"/proc/$1/cmdline" 2>/dev/null || return 1
+  for arg in "${argv[@]}"; do
+    if [[ "$arg" == "$PATTERN" || "${arg##*/}" == "$PATTERN" ]]; then return 0; fi
+  done
+  return 1
+}
+
+pids=()
+starts=()
+for dir in /proc/[0-9]*; do
+  pid="${dir#/proc/}"
+  # Never this script, its parent, or anything in its own process group (its subshells).
+  [[ "$pid" -le 1 || "$pid" == "$$" || "$pid" == "$PPID" ]] && continue
+  pgid="$(stat_field "$pid" 5)" || continue
+  [[ "$pgid" == "$self_pgid" ]] && continue
+  state="$(stat_field "$pid" 3)" || continue
+  [[ "$state" == "Z" || "$state" == "X" ]] && continue
+  matches_pattern "$pid" || continue
+  start="$(stat_field "$pid" 22)" || continue
+  pids+=("$pid")
+  starts+=("$start")
+done
+
+if [[ ${#pids[@]} -eq 0 ]]; then
+  echo "No $PATTERN processes found."
+  exit 0
+fi
+
+echo "🎯 Found $PATTERN processes: ${pids[*]}"
+echo "⚠️  WARNING: Cannot distinguish active workers from orphaned processes"
+echo "   This will end ALL ${#pids[@]} $PATTERN processes"
+
+if [[ $DRY_RUN -eq 1 ]]; then
+  echo "Dry run: nothing was signalled."
+  exit 0
+fi
+
+if [[ $YES -eq 0 ]]; then
+  if [[ ! -t 0 ]]; then
+    echo "Refusing without --yes: no terminal to ask." >&2
+    exit 3
+  fi
+  read -r -p "Continue with ending ALL processes? (y/N): " answer
+  if [[ "$answer" != "y" && "$answer" != "Y" ]]; then
+    echo "Aborted."
+    exit 3
+  fi
+fi
+
+# Signal only if the pid still has the start time we recorded: never a recycled pid.
+signal_if_same() {
+  local pid="$1" start="$2" sig="$3" now
+  now="$(stat_field "$pid" 22)" || return 1
+  [[ "$now" == "$start" ]] || return 1
+  kill "-$sig" "$pid" 2>/dev/null
+}
+
+alive_same() {
+  local now state
+  now="$(stat_field "$1" 22)" || return 1
+  state="$(stat_field "$1" 3)" || return 1
+  [[ "$now" == "$2" && "$state" != "Z" && "$state" != "X" ]]
+}
+
+for i in "${!pids[@]}"; do
+  signal_if_same "${pids[$i]}" "${starts[$i]}" TERM || true
+done
+
+deadline=$(( $(date +%s%3N) + GRACE_MS ))
+while (( $(date +%s%3N) < deadline )); do
+  left=0
+  for i in "${!pids[@]}"; do
+    if alive_same "${pids[$i]}" "${starts[$i]}"; then left=1; break; fi
+  done
+  [[ $left -eq 0 ]] && break
+  sleep 0.05
+done
+
+terminated=0
+errors=0
+for i in "${!pids[@]}"; do
+  if alive_same "${pids[$i]}" "${starts[$i]}"; then
+    signal_if_same "${pids[$i]}" "${starts[$i]}" KILL || true
+  fi
+done
+sleep 0.2
+for i in "${!pids[@]}"; do
+  if alive_same "${pids[$i]}" "${starts[$i]}"; then
+    errors=$((errors + 1))
+  else
+    terminated=$((terminated + 1))
+  fi
+done
+
+echo "🧹 Cleanup complete:"
+echo "  - Found: ${#pids[@]} processes"
+echo "  - Terminated: $terminated processes"
+echo "  - Errors: $errors"
+[[ $errors -eq 0 ]]

@@ -1,0 +1,442 @@
+//! `dspex-proc`: the same detection and termination as the library, for shells, cron and
+//! systemd, with no BEAM running; and `exec`, the PR_SET_PDEATHSIG launcher for workers.
+
+use clap::{Args, Parser, Subcommand};
+use dspex_process::classify::{self, Class, Detection, ProcLookup};
+use dspex_process::markers::Markers;
+use dspex_process::scan::{Pattern, DEFAULT_PATTERN};
+use dspex_process::terminate::{self, Outcome, TerminateOptions};
+use dspex_process::{Pid, ProcessIdentity};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::io::{BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success; for status and find: no orphans
+  1    status/find: orphans exist; cleanup: at least one target could not be ended
+  2    bad arguments (usage is printed)
+  3    cleanup not confirmed (no --yes and no terminal to ask, or the answer was not y)
+  125  exec: the parent (or the owner BEAM named by the markers) was already gone
+  126  exec: the command could not be executed
+  127  exec: the command was not found";
+
+#[derive(Parser)]
+#[command(
+    name = "dspex-proc",
+    version,
+    about = "Find and safely end orphaned worker processes (DSPex Python bridges).",
+    long_about = "Find and safely end orphaned worker processes (DSPex Python bridges).\n\n\
+Ownership comes from the markers each worker carries in its environment, so the workers of \
+every live BEAM stay protected and the orphans of dead ones are found, with no node running.",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    /// Machine-readable JSON on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Count matching processes by class and give the health.
+    Status(Selection),
+    /// List the orphans; signal nothing.
+    Find(Selection),
+    /// End the orphans: SIGTERM to all at once, SIGKILL after the grace.
+    Cleanup(CleanupArgs),
+    /// Run CMD with a parent-death signal set, in place (same pid).
+    Exec(ExecArgs),
+}
+
+#[derive(Args)]
+struct Selection {
+    /// Literal argv pattern (an argument or its basename); repeatable.
+    #[arg(long = "pattern", value_name = "P", default_value = DEFAULT_PATTERN)]
+    patterns: Vec<String>,
+    /// Also treat unmanaged processes (started by hand, parent alive) as orphans.
+    #[arg(long)]
+    include_unmanaged: bool,
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    #[command(flatten)]
+    selection: Selection,
+    /// Report what would be done; signal nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Milliseconds between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    grace: u64,
+    /// Milliseconds to wait after SIGKILL before reporting a survivor.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    kill_wait: u64,
+    /// Signal only the target, not its process group.
+    #[arg(long)]
+    no_kill_group: bool,
+    /// Allow ending processes of other users.
+    #[arg(long)]
+    allow_other_users: bool,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// Signal the kernel sends when the parent dies (TERM, KILL, INT, HUP, or a number).
+    #[arg(long, value_name = "SIG", default_value = "KILL", value_parser = parse_signal)]
+    pdeathsig: nix::sys::signal::Signal,
+    /// The command and its arguments.
+    #[arg(required = true, last = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+fn parse_signal(text: &str) -> Result<nix::sys::signal::Signal, String> {
+    use nix::sys::signal::Signal;
+    let parsed = match text.parse::<i32>() {
+        Ok(n) => Signal::try_from(n).ok(),
+        Err(_) => {
+            let upper = text.to_ascii_uppercase();
+            let name = if upper.starts_with("SIG") {
+                upper
+            } else {
+                format!("SIG{upper}")
+            };
+            name.parse::<Signal>().ok()
+        }
+    };
+    parsed.ok_or_else(|| format!("unknown signal {text:?}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Exec(args) => exec(args),
+        Command::Status(sel) => status(&sel, cli.json),
+        Command::Find(sel) => find(&sel, cli.json),
+        Command::Cleanup(args) => cleanup(&args, cli.json),
+    }
+}
+
+fn pattern(sel: &Selection) -> Result<Pattern, ExitCode> {
+    Pattern::new(&sel.patterns).map_err(|e| {
+        eprintln!("dspex-proc: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// Classifies as the CLI sees it: no BEAM of its own, no registry. Markers and ancestry
+/// decide.
+fn detect(pattern: &Pattern) -> Vec<Detection> {
+    classify::detect(pattern, None, HashMap::new(), Duration::ZERO)
+}
+
+/// The reason to act on a detection, if it is a target.
+fn target_reason(d: &Detection, include_unmanaged: bool) -> Option<&'static str> {
+    match d.class {
+        Class::Orphan(reason) => Some(reason.name()),
+        Class::Unmanaged if include_unmanaged => Some("unmanaged"),
+        _ => None,
+    }
+}
+
+fn orphan_json(d: &Detection, reason: &str) -> Value {
+    let f = &d.candidate.facts;
+    let owner = d.candidate.markers.markers().map(|m| {
+        json!({
+            "pid": m.owner.pid.as_raw(),
+            "start_time": m.owner.start_time,
+            "run_id": m.run_id,
+            "worker_id": m.worker_id,
+            "fingerprint": m.fingerprint,
+        })
+    });
+    json!({
+        "pid": f.pid.as_raw(),
+        "start_time": f.start_time,
+        "pgid": f.pgid,
+        "uid": f.uid,
+        "age_ms": d.age_ms,
+        "reason": reason,
+        "cmdline": f.argv.join(" "),
+        "owner": owner,
+    })
+}
+
+fn class_counts(detections: &[Detection]) -> BTreeMap<&'static str, usize> {
+    let mut counts: BTreeMap<&'static str, usize> = [
+        "active",
+        "starting",
+        "foreign",
+        "unmanaged",
+        "zombie",
+        "orphan",
+    ]
+    .into_iter()
+    .map(|c| (c, 0))
+    .collect();
+    for d in detections {
+        *counts.entry(d.class.name()).or_default() += 1;
+    }
+    counts
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialize")
+    );
+}
+
+fn status(sel: &Selection, json: bool) -> ExitCode {
+    let pattern = match pattern(sel) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let detections = detect(&pattern);
+    let orphans: Vec<_> = detections
+        .iter()
+        .filter_map(|d| target_reason(d, sel.include_unmanaged).map(|r| orphan_json(d, r)))
+        .collect();
+    let health = classify::health(orphans.len(), detections.len());
+    let counts = class_counts(&detections);
+    if json {
+        print_json(&json!({
+            "pattern": sel.patterns,
+            "total_dspy_processes": detections.len(),
+            "orphaned_processes": orphans.len(),
+            "system_health": health,
+            "classes": counts,
+            "orphan_details": orphans,
+        }));
+    } else {
+        println!("dspex-proc status (pattern: {})", sel.patterns.join(", "));
+        println!("  Matching processes: {}", detections.len());
+        println!("  Orphans:            {}", orphans.len());
+        let protected: Vec<String> = counts
+            .iter()
+            .filter(|(c, _)| **c != "orphan")
+            .map(|(c, n)| format!("{c} {n}"))
+            .collect();
+        println!("  Protected:          {}", protected.join(", "));
+        println!("  Health:             {health}");
+    }
+    exit_for_orphans(orphans.len())
+}
+
+fn exit_for_orphans(orphans: usize) -> ExitCode {
+    if orphans == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn find(sel: &Selection, json: bool) -> ExitCode {
+    let pattern = match pattern(sel) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let detections = detect(&pattern);
+    let targets: Vec<(&Detection, &str)> = detections
+        .iter()
+        .filter_map(|d| target_reason(d, sel.include_unmanaged).map(|r| (d, r)))
+        .collect();
+    if json {
+        let list: Vec<Value> = targets.iter().map(|(d, r)| orphan_json(d, r)).collect();
+        print_json(&json!({ "orphans": list }));
+    } else if targets.is_empty() {
+        println!(
+            "No orphaned processes (pattern: {}).",
+            sel.patterns.join(", ")
+        );
+    } else {
+        println!(
+            "{:>8} {:>8} {:>10} {:<12} {:>8}  CMDLINE",
+            "PID", "PGID", "AGE_MS", "REASON", "OWNER"
+        );
+        for (d, reason) in &targets {
+            let f = &d.candidate.facts;
+            let owner = d
+                .candidate
+                .markers
+                .markers()
+                .map_or("-".to_string(), |m| m.owner.pid.to_string());
+            println!(
+                "{:>8} {:>8} {:>10} {:<12} {:>8}  {}",
+                f.pid,
+                f.pgid,
+                d.age_ms,
+                reason,
+                owner,
+                f.argv.join(" ")
+            );
+        }
+    }
+    exit_for_orphans(targets.len())
+}
+
+fn outcome_name(outcome: &Outcome) -> (bool, String) {
+    match outcome {
+        Outcome::Graceful => (true, "graceful".into()),
+        Outcome::ForceKilled => (true, "force_killed".into()),
+        Outcome::AlreadyGone => (true, "already_gone".into()),
+        Outcome::Refused(r) => (false, r.name().into()),
+        Outcome::StillAlive => (false, "still_alive".into()),
+        Outcome::SignalFailed(errno) => (false, format!("signal_failed (errno {errno})")),
+    }
+}
+
+fn confirm(count: usize) -> bool {
+    if !std::io::stdin().is_terminal() {
+        eprintln!(
+            "dspex-proc: refusing to end {count} process(es) without --yes: no terminal to ask"
+        );
+        return false;
+    }
+    eprint!("End {count} orphaned process(es)? [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    matches!(answer.trim(), "y" | "Y" | "yes" | "YES")
+}
+
+fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
+    let sel = &args.selection;
+    let pattern = match pattern(sel) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    if !json {
+        println!(
+            "Detecting orphaned processes (pattern: {})...",
+            sel.patterns.join(", ")
+        );
+    }
+    let detections = detect(&pattern);
+    let targets: Vec<(&Detection, &str)> = detections
+        .iter()
+        .filter_map(|d| target_reason(d, sel.include_unmanaged).map(|r| (d, r)))
+        .collect();
+    let counts = class_counts(&detections);
+    let preserved = counts["active"] + counts["starting"] + counts["foreign"];
+
+    if !targets.is_empty() && !args.dry_run && !args.yes && !confirm(targets.len()) {
+        return ExitCode::from(3);
+    }
+
+    let outcomes: Vec<(bool, String)> = if args.dry_run {
+        targets.iter().map(|_| (true, "dry_run".into())).collect()
+    } else {
+        let identities: Vec<ProcessIdentity> = targets
+            .iter()
+            .map(|(d, _)| ProcessIdentity {
+                pid: d.candidate.facts.pid,
+                start_time: d.candidate.facts.start_time,
+            })
+            .collect();
+        let options = TerminateOptions {
+            grace: Duration::from_millis(args.grace),
+            kill_wait: Duration::from_millis(args.kill_wait),
+            kill_group: !args.no_kill_group,
+            allow_other_users: args.allow_other_users,
+        };
+        terminate::terminate(&identities, &options)
+            .iter()
+            .map(outcome_name)
+            .collect()
+    };
+
+    let terminated = outcomes
+        .iter()
+        .filter(|(_, o)| o == "graceful" || o == "force_killed")
+        .count();
+    let errors = outcomes.iter().filter(|(ok, _)| !ok).count();
+    let already_gone = outcomes.iter().filter(|(_, o)| o == "already_gone").count();
+
+    if json {
+        let details: Vec<Value> = targets
+            .iter()
+            .zip(&outcomes)
+            .map(|((d, r), (ok, o))| {
+                let mut v = orphan_json(d, r);
+                v["outcome"] = json!(o);
+                v["ok"] = json!(ok);
+                v
+            })
+            .collect();
+        print_json(&json!({
+            "found": targets.len(),
+            "terminated": terminated,
+            "errors": errors,
+            "already_gone": already_gone,
+            "preserved_active": preserved,
+            "protected": counts,
+            "dry_run": args.dry_run,
+            "details": details,
+        }));
+    } else {
+        for ((d, reason), (_, outcome)) in targets.iter().zip(&outcomes) {
+            println!("  pid {} ({reason}): {outcome}", d.candidate.facts.pid);
+        }
+        println!(
+            "Cleanup complete{}:",
+            if args.dry_run {
+                " (dry run, nothing signalled)"
+            } else {
+                ""
+            }
+        );
+        println!("  - Found: {} orphaned processes", targets.len());
+        println!("  - Terminated: {terminated} processes");
+        println!("  - Errors: {errors}");
+        println!("  - Preserved: {preserved} active workers");
+    }
+    if errors > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Sets the parent-death signal, makes sure the parent did not die before it was set, and
+/// replaces this process with the command (same pid, so `Port.info(port, :os_pid)` stays
+/// true).
+fn exec(args: ExecArgs) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let parent = nix::unistd::getppid();
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(args.pdeathsig) {
+        eprintln!("dspex-proc exec: prctl(PR_SET_PDEATHSIG) failed: {e}");
+        return ExitCode::from(126);
+    }
+    // The parent may have died before the signal was armed: then nothing would ever come.
+    if nix::unistd::getppid() != parent || parent.as_raw() == 1 || owner_gone() {
+        return ExitCode::from(125);
+    }
+    let (program, rest) = args.command.split_first().expect("clap requires a command");
+    let error = std::process::Command::new(program).args(rest).exec();
+    eprintln!("dspex-proc exec: {}: {error}", program.to_string_lossy());
+    ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
+}
+
+/// True when this process carries ownership markers and the BEAM they name is gone.
+fn owner_gone() -> bool {
+    let Ok(me) = Pid::new(i64::from(std::process::id())) else {
+        return false;
+    };
+    match Markers::read(me) {
+        Ok(Some(markers)) => !classify::is_live_beam(&markers.owner, &mut ProcLookup::default()),
+        _ => false,
+    }
+}
