@@ -73,7 +73,10 @@ defmodule Demo do
   end
 end
 
-name = "dspy_bridge_demo_#{System.pid()}_#{System.unique_integer([:positive])}.py"
+name =
+  System.get_env("DSPEX_DEMO_NAME") ||
+    "dspy_bridge_demo_#{System.pid()}_#{System.unique_integer([:positive])}.py"
+
 dir = Path.join(System.tmp_dir!(), "dspex_process_demo")
 File.mkdir_p!(dir)
 script = Path.join(dir, name)

@@ -16,15 +16,7 @@ defmodule DSPex.Python.OrphanDetectorTest do
 
     # Whatever a failed test left running under this run's unique pattern goes too.
     on_exit(fn ->
-      leftovers = OrphanDetector.classify_processes(pattern: pattern)
-
-      DSPex.Python.Native.terminate(
-        Enum.map(leftovers, &{&1.pid, &1.start_time}),
-        0,
-        1_000,
-        true,
-        false
-      )
+      kill_leftovers(pattern)
 
       File.rm(script)
     end)
@@ -63,8 +55,14 @@ defmodule DSPex.Python.OrphanDetectorTest do
       {:ok, "pong"} = Worker.call(w, "ping")
       info = Worker.info(w)
       Process.exit(w, :kill)
+      # The port closes a moment after its owner dies; until then its process is in use.
+      assert eventually(fn -> not port_open?(info.os_pid) end)
       info
     end
+  end
+
+  defp port_open?(os_pid) do
+    Enum.any?(Port.list(), &(Port.info(&1, :os_pid) == {:os_pid, os_pid}))
   end
 
   defp gone?(%{os_pid: pid, start_time: start}), do: not alive?(pid, start)
@@ -250,14 +248,10 @@ defmodule DSPex.Python.OrphanDetectorTest do
   end
 
   test "unmanaged processes are left alone unless opted in", %{script: script, pattern: pattern} do
-    # Started from a shell, not as a port program: its parent is the shell. The paths go
-    # in the environment so that only python's argv names the script.
-    port =
-      Port.open({:spawn_executable, System.find_executable("sh")}, [
-        :binary,
-        args: ["-c", ~s(exec 2>/dev/null; "$PY" "$SCRIPT" --linger; exit 0)],
-        env: [{~c"PY", String.to_charlist(python())}, {~c"SCRIPT", String.to_charlist(script)}]
-      ])
+    # Started from a detached shell (as by hand, outside any BEAM): its parent is that
+    # shell, alive and not ours. The paths go in the environment so that only python's argv
+    # names the script.
+    detach_and_run(script, [])
 
     assert eventually(fn -> length(OrphanDetector.classify_processes(pattern: pattern)) == 1 end)
     [proc] = OrphanDetector.classify_processes(pattern: pattern)
@@ -281,7 +275,6 @@ defmodule DSPex.Python.OrphanDetectorTest do
     end)
 
     refute alive?(proc.pid, proc.start_time)
-    if Port.info(port), do: Port.close(port)
   end
 
   describe "refusals and bad input" do
@@ -294,8 +287,8 @@ defmodule DSPex.Python.OrphanDetectorTest do
       requests = [
         %{pid: active.os_pid, start_time: active.start_time},
         %{pid: leaked.os_pid, start_time: leaked.start_time - 1},
-        %{pid: own},
-        %{pid: 1},
+        %{pid: own, start_time: start_time(own)},
+        %{pid: 1, start_time: 1},
         %{pid: 0},
         %{pid: -1},
         %{pid: "123"},
@@ -323,7 +316,8 @@ defmodule DSPex.Python.OrphanDetectorTest do
       outcomes = Enum.map(report.details, &elem(&1, 1))
 
       assert [
-               {:error, {:not_an_orphan, :active}},
+               # No start time: no identity, refused.
+               {:error, :invalid_entry},
                {:error, {:not_an_orphan, :active}},
                {:ok, :already_gone},
                {:error, :not_a_match},
@@ -364,12 +358,10 @@ defmodule DSPex.Python.OrphanDetectorTest do
                {:error, :invalid_pid},
                {:error, :refused_self}
              ] =
-               DSPex.Python.Native.terminate(
+               DSPex.Python.Termination.run(
                  [{own, start}, {1, 0}, {-5, 0}, {own, start + 1}],
-                 100,
-                 100,
-                 true,
-                 false
+                 grace_ms: 100,
+                 kill_wait_ms: 100
                )
     end
 

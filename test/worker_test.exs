@@ -11,15 +11,7 @@ defmodule DSPex.Python.WorkerTest do
     start_supervised!({ProcessRegistry, name: reg, cleanup_interval: :infinity})
 
     on_exit(fn ->
-      leftovers = DSPex.Python.OrphanDetector.classify_processes(pattern: pattern, registry: reg)
-
-      DSPex.Python.Native.terminate(
-        Enum.map(leftovers, &{&1.pid, &1.start_time}),
-        0,
-        1_000,
-        true,
-        false
-      )
+      kill_leftovers(pattern)
 
       File.rm(script)
     end)

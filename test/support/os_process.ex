@@ -102,6 +102,70 @@ defmodule DSPex.Test.OSProcess do
     :ok
   end
 
+  @doc """
+  Ends whatever a failed test left running under its own unique `pattern` (and only
+  that): SIGKILL after the identity check, through the library's terminator.
+  """
+  def kill_leftovers(pattern) do
+    leftovers = DSPex.Python.OrphanDetector.classify_processes(pattern: pattern)
+
+    DSPex.Python.Termination.run(Enum.map(leftovers, &{&1.pid, &1.start_time}),
+      grace_ms: 0,
+      kill_wait_ms: 1_000
+    )
+  end
+
+  @doc """
+  Runs `python script --linger extra_args` under a shell that detached from this VM
+  (`setsid`, its launcher exits): the python's parent is a live shell that no BEAM owns,
+  as when someone starts the bridge by hand. Returns `{os_pid, start_time}` of python.
+  """
+  def detach_and_run(script, extra_args) do
+    marker = "dspex_detached_#{System.unique_integer([:positive])}"
+
+    {_, 0} =
+      System.cmd(
+        "sh",
+        [
+          "-c",
+          ~s(setsid sh -c 'exec 2>/dev/null; "$PY" "$SCRIPT" --linger $EXTRA; exit 0' "$MARK" </dev/null >/dev/null 2>&1 &)
+        ],
+        env: [
+          {"PY", python()},
+          {"SCRIPT", script},
+          {"EXTRA", Enum.join(extra_args, " ")},
+          {"MARK", marker}
+        ]
+      )
+
+    {:ok, pid} = wait_for_child_of_shell(marker)
+    {pid, start_time(pid)}
+  end
+
+  defp wait_for_child_of_shell(marker) do
+    finder = fn ->
+      with [shell | _] <- pids_with_arg(marker),
+           {:ok, kids} <- File.read("/proc/#{shell}/task/#{shell}/children"),
+           [kid | _] <- String.split(kids),
+           {:ok, cmd} <- File.read("/proc/#{kid}/cmdline"),
+           true <- String.contains?(cmd, "--linger") do
+        String.to_integer(kid)
+      else
+        _ -> nil
+      end
+    end
+
+    if eventually(fn -> finder.() end, 5_000), do: {:ok, finder.()}, else: :error
+  end
+
+  # Processes with `arg` as one of their argv elements (only ever a marker unique to a test).
+  defp pids_with_arg(arg) do
+    for "/proc/" <> pid <- Path.wildcard("/proc/[0-9]*"),
+        {:ok, cmd} <- [File.read("/proc/#{pid}/cmdline")],
+        arg in String.split(cmd, <<0>>),
+        do: String.to_integer(pid)
+  end
+
   @doc "A unique registry name for one test."
   def unique_name(tag), do: :"#{tag}_#{System.unique_integer([:positive])}"
 end

@@ -59,10 +59,19 @@ defmodule DSPex.Test.PeerBeam do
           {~c"PEER_PYTHON", String.to_charlist(python())},
           {~c"PEER_GUARD", ~c"#{guard}"}
         ],
-        args: ["-pa", ebin, "-e", @peer_code, Integer.to_string(count)] ++ args
+        args:
+          distribution(opts) ++ ["-pa", ebin, "-e", @peer_code, Integer.to_string(count)] ++ args
       ])
 
     await_ready(port, "")
+  end
+
+  # `sname: name, cookie: cookie` makes the peer a distributed node.
+  defp distribution(opts) do
+    case Keyword.fetch(opts, :sname) do
+      {:ok, sname} -> ["--sname", sname, "--cookie", Keyword.fetch!(opts, :cookie)]
+      :error -> []
+    end
   end
 
   defp await_ready(port, acc) do

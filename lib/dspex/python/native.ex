@@ -67,13 +67,14 @@ defmodule DSPex.Python.Native do
   def registry_remove_dead(_registry), do: not_loaded()
   def registry_stats(_registry), do: not_loaded()
 
-  # Detection and termination (dirty I/O schedulers)
-  def detect(_registry_or_nil, _patterns, _min_age_ms), do: not_loaded()
+  # Detection (dirty I/O scheduler) and termination (its own OS thread)
+  def detect(_registries, _port_pids, _patterns, _min_age_ms), do: not_loaded()
 
-  def terminate(_targets, _grace_ms, _kill_wait_ms, _kill_group, _allow_other_users),
+  def terminate_start(_targets, _grace_ms, _kill_wait_ms, _kill_group, _allow_other, _tag),
     do: not_loaded()
 
   def beam_identity, do: not_loaded()
+  def is_port_child(_os_pid), do: not_loaded()
   def capabilities, do: not_loaded()
   def process_start_time(_pid), do: not_loaded()
 end

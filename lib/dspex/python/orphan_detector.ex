@@ -42,8 +42,9 @@ defmodule DSPex.Python.OrphanDetector do
     * `:pattern` - a string or a list of strings (1 to 64, each 1 to 4096 bytes, no NUL)
       matched literally against each argv element and its basename. Default
       `"dspy_bridge.py"`.
-    * `:registry` - the `DSPex.Python.ProcessRegistry` name. Default
-      `DSPex.Python.ProcessRegistry`.
+    * `:registry` - the registry whose counts `get_system_status/1` reports. Default
+      `DSPex.Python.ProcessRegistry`. (Classification counts the workers of *every*
+      running registry as active, and the OS process of every open port of this VM.)
     * `:min_age_ms` - this BEAM's own unregistered processes younger than this are
       `:starting`, not orphans. Default `5_000`.
     * `:grace_ms` - time between SIGTERM and SIGKILL. Default `1_000`.
@@ -60,7 +61,7 @@ defmodule DSPex.Python.OrphanDetector do
 
   require Logger
 
-  alias DSPex.Python.{Native, ProcessRegistry}
+  alias DSPex.Python.{Native, ProcessRegistry, Termination}
 
   @default_pattern "dspy_bridge.py"
   @reasons [:owner_dead, :worker_gone, :reparented, :unmanaged]
@@ -126,17 +127,29 @@ defmodule DSPex.Python.OrphanDetector do
   With options (or none), it finds the orphans now and ends them. With a list of orphans
   (as returned by `find_orphaned_processes/1`) it treats the list as a request: each entry
   is classified again and signalled only if it is still an orphan with the same pid and
-  start time; anything else is reported and left alone. An empty list means no options,
-  that is a full cleanup.
+  start time (both are required); anything else is reported and left alone. An empty list
+  is an empty request and does nothing.
 
   Each detail is `{orphan, outcome}` where outcome is `{:ok, :graceful}`,
   `{:ok, :force_killed}`, `{:ok, :already_gone}`, `{:ok, :dry_run}` or `{:error, reason}`.
   """
-  @spec cleanup_orphaned_processes([orphan()] | keyword()) :: cleanup_report()
-  def cleanup_orphaned_processes(orphans_or_opts \\ [])
+  @spec cleanup_orphaned_processes() :: cleanup_report()
+  def cleanup_orphaned_processes, do: cleanup_now(validate!([]))
 
-  def cleanup_orphaned_processes([%{} | _] = orphans), do: cleanup_orphaned_processes(orphans, [])
-  def cleanup_orphaned_processes(opts), do: cleanup_now(validate!(opts))
+  @doc "See `cleanup_orphaned_processes/0`: with options, or with a list of orphans."
+  @spec cleanup_orphaned_processes([orphan()] | keyword()) :: cleanup_report()
+  def cleanup_orphaned_processes(orphans_or_opts)
+
+  # An empty list is an empty request (a filtered find that found nothing): no-op.
+  def cleanup_orphaned_processes([]), do: cleanup_orphaned_processes([], [])
+
+  def cleanup_orphaned_processes([{key, _} | _] = opts) when is_atom(key),
+    do: cleanup_now(validate!(opts))
+
+  def cleanup_orphaned_processes(orphans) when is_list(orphans),
+    do: cleanup_orphaned_processes(orphans, [])
+
+  def cleanup_orphaned_processes(other), do: cleanup_now(validate!(other))
 
   @doc "Ends the listed orphans (see `cleanup_orphaned_processes/1`) with options."
   @spec cleanup_orphaned_processes([orphan()], keyword()) :: cleanup_report()
@@ -237,13 +250,7 @@ defmodule DSPex.Python.OrphanDetector do
           Enum.map(targets, fn _ -> {:ok, :dry_run} end)
 
         true ->
-          Native.terminate(
-            Enum.map(targets, &{&1.pid, &1.start_time}),
-            opts[:grace_ms],
-            opts[:kill_wait_ms],
-            opts[:kill_group],
-            opts[:allow_other_users]
-          )
+          Termination.run(Enum.map(targets, &{&1.pid, &1.start_time}), opts)
       end
 
     details = Enum.zip(targets, outcomes) ++ refused
@@ -263,17 +270,17 @@ defmodule DSPex.Python.OrphanDetector do
     }
   end
 
-  defp vet_request(%{pid: pid} = entry, current, by_pid) when is_integer(pid) do
-    wanted_start = Map.get(entry, :start_time)
-
+  # Identity is pid *and* start time: an entry without both is refused.
+  defp vet_request(%{pid: pid, start_time: wanted_start} = entry, current, by_pid)
+       when is_integer(pid) and is_integer(wanted_start) do
     case {Map.get(current, pid), Map.get(by_pid, pid)} do
-      {%{start_time: start} = orphan, _} when wanted_start in [nil, start] ->
+      {%{start_time: ^wanted_start} = orphan, _} ->
         {:target, orphan}
 
       {%{}, _} ->
         {:refused, entry, {:ok, :already_gone}}
 
-      {nil, %{class: class, start_time: start}} when wanted_start in [nil, start] ->
+      {nil, %{class: class, start_time: ^wanted_start}} ->
         {:refused, entry, {:error, {:not_an_orphan, class}}}
 
       {nil, _} ->
@@ -285,7 +292,7 @@ defmodule DSPex.Python.OrphanDetector do
 
   defp gone_or_not_a_match(entry, pid, wanted_start) do
     case pid > 1 and pid <= 0x7FFFFFFF and Native.process_start_time(pid) do
-      {:ok, start} when wanted_start in [nil, start] -> {:refused, entry, {:error, :not_a_match}}
+      {:ok, ^wanted_start} -> {:refused, entry, {:error, :not_a_match}}
       {:ok, _other} -> {:refused, entry, {:ok, :already_gone}}
       {:error, :no_such_process} -> {:refused, entry, {:ok, :already_gone}}
       _ -> {:refused, entry, {:error, :invalid_entry}}
@@ -310,11 +317,11 @@ defmodule DSPex.Python.OrphanDetector do
   defp describe(other), do: inspect(other)
 
   defp detect(opts) do
-    registry = registry_resource(opts[:registry])
-    # Without a registry nothing of ours can be told apart as leaked: protect it all.
-    min_age = if registry, do: opts[:min_age_ms], else: 0xFFFFFFFFFFFF
+    registries = ProcessRegistry.running_resources()
+    # Without any registry nothing of ours can be told apart as leaked: protect it all.
+    min_age = if registries == [], do: 0xFFFFFFFFFFFF, else: opts[:min_age_ms]
 
-    case Native.detect(registry, opts[:pattern], min_age) do
+    case Native.detect(registries, open_port_pids(), opts[:pattern], min_age) do
       {:ok, detections} -> detections
       {:error, reason} -> raise ArgumentError, "invalid :pattern (#{reason})"
     end
@@ -352,10 +359,12 @@ defmodule DSPex.Python.OrphanDetector do
   defp health(orphans, total) when orphans * 10 < total * 3, do: :degraded
   defp health(_orphans, _total), do: :critical
 
-  defp registry_resource(name) do
-    ProcessRegistry.resource!(name)
-  rescue
-    ProcessRegistry.NotRunningError -> nil
+  # The OS processes behind this VM's open ports are in use, registered or not.
+  defp open_port_pids do
+    for port <- Port.list(),
+        {:os_pid, pid} <- [Port.info(port, :os_pid)],
+        is_integer(pid),
+        do: pid
   end
 
   defp registry_stats(name) do

@@ -52,6 +52,7 @@ defmodule DSPex.Python.ProcessRegistry do
 
   @default_name __MODULE__
   @default_interval 30_000
+  @names_key {__MODULE__, :__running_names__}
 
   @typedoc "The name a registry runs under."
   @type registry :: atom()
@@ -182,6 +183,16 @@ defmodule DSPex.Python.ProcessRegistry do
   end
 
   @doc false
+  # The native resources of every running registry: the detector counts the workers of all
+  # of them as active, whichever registry the caller names.
+  @spec running_resources() :: [reference()]
+  def running_resources do
+    for name <- running_names(), r = :persistent_term.get(storage_key(name), nil), do: r
+  end
+
+  defp running_names, do: :persistent_term.get(@names_key, [])
+
+  @doc false
   # The native resource, for the other modules of this library.
   @spec resource!(registry()) :: reference()
   def resource!(registry) when is_atom(registry) do
@@ -204,6 +215,7 @@ defmodule DSPex.Python.ProcessRegistry do
 
     if :persistent_term.get(key, nil) == nil do
       :persistent_term.put(key, Native.registry_new())
+      :persistent_term.put(@names_key, Enum.uniq([opts[:name] | running_names()]))
     end
 
     state = %{name: opts[:name], interval: opts[:cleanup_interval]}
@@ -244,6 +256,7 @@ defmodule DSPex.Python.ProcessRegistry do
     # restarted process to pick up.
     if reason in [:normal, :shutdown] or match?({:shutdown, _}, reason) do
       :persistent_term.erase(storage_key(state.name))
+      :persistent_term.put(@names_key, List.delete(running_names(), state.name))
     end
 
     :ok

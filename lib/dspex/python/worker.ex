@@ -103,11 +103,12 @@ defmodule DSPex.Python.Worker do
   """
   @spec markers(term(), String.t()) :: [{String.t(), String.t()}]
   def markers(worker_id, fingerprint) do
-    {beam_pid, beam_start} = beam_identity()
+    {beam_pid, beam_start, pid_ns} = beam_identity()
 
     [
       {"DSPEX_OWNER_PID", Integer.to_string(beam_pid)},
       {"DSPEX_OWNER_START", Integer.to_string(beam_start)},
+      {"DSPEX_OWNER_PIDNS", if(pid_ns, do: Integer.to_string(pid_ns), else: "")},
       {"DSPEX_RUN_ID", run_id()},
       {"DSPEX_WORKER_ID", id_string(worker_id)},
       {"DSPEX_FINGERPRINT", fingerprint}
@@ -177,7 +178,10 @@ defmodule DSPex.Python.Worker do
 
     {:os_pid, os_pid} = Port.info(port, :os_pid)
 
-    with :ok <-
+    # The pid must still be our port program: never register (and later signal) a pid that
+    # was recycled between the spawn and this line.
+    with true <- Native.is_port_child(os_pid) || {:error, :not_a_port_child},
+         :ok <-
            ProcessRegistry.register_worker(id, self(), os_pid, fingerprint, opts[:registry]),
          {:ok, %{python_start_time: start}} <-
            ProcessRegistry.get_worker_info(id, opts[:registry]) do
@@ -250,7 +254,10 @@ defmodule DSPex.Python.Worker do
     if state.port, do: safe_close(state.port)
 
     [outcome] =
-      Native.terminate([{state.os_pid, state.start_time}], state.grace, 1_000, true, false)
+      DSPex.Python.Termination.run([{state.os_pid, state.start_time}],
+        grace_ms: state.grace,
+        kill_wait_ms: 1_000
+      )
 
     case outcome do
       {:ok, _} ->

@@ -3,7 +3,7 @@
 
 use crate::identity::{Pid, ProcessIdentity};
 use crate::scan::{scan, Candidate, Pattern};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// Why an orphan is one.
@@ -63,23 +63,30 @@ pub trait ProcessLookup {
     fn get(&mut self, pid: i32) -> Option<ProcInfo>;
 }
 
-/// A registered worker process and whether its Elixir process is alive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Registered {
-    pub start_time: u64,
-    pub alive: bool,
-}
-
-/// What is known when classifying: who "we" are and what is registered here.
+/// Who is looking: the VM (or nothing, for the CLI) and what it knows to be in use.
 #[derive(Debug, Clone, Default)]
-pub struct Context {
+pub struct Viewpoint {
     /// This BEAM; `None` when the caller is not a BEAM (the CLI).
     pub beam: Option<ProcessIdentity>,
-    pub registered: HashMap<Pid, Registered>,
-    /// Processes younger than this are still starting (clock ticks).
+    /// Workers registered here whose Elixir process is alive: pid → start time.
+    pub registered: HashMap<Pid, u64>,
+    /// OS pids of this VM's open ports: in use, whether registered or not.
+    pub port_pids: HashSet<Pid>,
+    /// This VM's own unregistered processes younger than this are still starting.
+    pub min_age: Duration,
+}
+
+/// A viewpoint plus the facts of the moment, in the units of `/proc`.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub view: Viewpoint,
+    /// `min_age` in clock ticks.
     pub min_age_ticks: u64,
     /// Clock ticks since boot, now.
     pub now_ticks: u64,
+    /// The inode of the reader's pid namespace: markers stamped in another namespace name
+    /// pids that mean nothing here.
+    pub pid_ns: Option<u64>,
 }
 
 const MAX_ANCESTRY: usize = 64;
@@ -95,19 +102,26 @@ const KNOWN_SUBREAPERS: &[&str] = &[
 
 /// Whether a process name is an Erlang VM's (`beam.smp`, or `beam` on old builds).
 pub fn is_beam(comm: &str) -> bool {
-    comm == "beam.smp" || comm == "beam"
+    // beam.smp, and the emulator flavours: beam.debug.smp, beam.asan.smp, beam.lcnt.smp...
+    comm.starts_with("beam")
 }
 
 impl Context {
-    fn is_registered_alive(&self, pid: i32, start_time: u64) -> bool {
-        Pid::new(i64::from(pid))
-            .ok()
-            .and_then(|p| self.registered.get(&p))
-            .is_some_and(|r| r.alive && r.start_time == start_time)
+    /// Registered here with a live worker (same start time), or the OS process of one of
+    /// this VM's open ports.
+    fn in_use(&self, pid: i32, start_time: u64) -> bool {
+        let Ok(pid) = Pid::new(i64::from(pid)) else {
+            return false;
+        };
+        self.view.port_pids.contains(&pid) || self.view.registered.get(&pid) == Some(&start_time)
     }
 
     fn is_this_beam(&self, identity: &ProcessIdentity) -> bool {
-        self.beam.as_ref() == Some(identity)
+        self.view.beam.as_ref() == Some(identity)
+    }
+
+    fn beam_pid(&self) -> Option<i32> {
+        self.view.beam.map(|b| b.pid.as_raw())
     }
 
     fn age_ticks(&self, start_time: u64) -> u64 {
@@ -121,23 +135,34 @@ pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessL
     if facts.state.has_exited() {
         return Class::Zombie;
     }
-    let pid = facts.pid.as_raw();
-    if ctx.is_registered_alive(pid, facts.start_time) {
+    if ctx.in_use(facts.pid.as_raw(), facts.start_time) {
         return Class::Active;
     }
 
     let ancestry = ancestors(facts.ppid, lookup);
-    // A child the worker forked (multiprocessing) is part of that worker.
+    let beam_pid = ctx.beam_pid();
+    // A child the worker forked (multiprocessing), or anything an open port of ours runs,
+    // is in use too. The walk stops at the first VM: what lies above belongs to it.
     if ancestry
         .iter()
-        .take_while(|(p, _)| ctx.beam.is_none_or(|b| b.pid.as_raw() != *p))
-        .any(|(p, info)| ctx.is_registered_alive(*p, info.start_time))
+        .take_while(|(_, info)| !is_beam(&info.comm))
+        .any(|(p, info)| ctx.in_use(*p, info.start_time))
     {
         return Class::Active;
     }
+    let other_live_beam_above = ancestry
+        .iter()
+        .any(|(p, info)| Some(*p) != beam_pid && is_beam(&info.comm));
 
     let markers = candidate.markers.markers();
-    let direct_port_child = match (ctx.beam, ancestry.first()) {
+    // Stamped in another pid namespace (a container): its owner pid cannot be checked
+    // from here, so it is never condemned from here.
+    if let (Some(m), Some(ours)) = (markers, ctx.pid_ns) {
+        if m.pid_ns.is_some_and(|theirs| theirs != ours) {
+            return Class::Foreign;
+        }
+    }
+    let direct_port_child = match (ctx.view.beam, ancestry.first()) {
         (Some(beam), Some((_, parent))) => {
             parent.comm == "erl_child_setup" && parent.ppid == beam.pid.as_raw()
         }
@@ -157,6 +182,10 @@ pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessL
         };
     }
 
+    // A live BEAM among the ancestors protects, whatever the markers say.
+    if other_live_beam_above {
+        return Class::Foreign;
+    }
     if let Some(m) = markers {
         return if is_live_beam(&m.owner, lookup) {
             Class::Foreign
@@ -166,13 +195,6 @@ pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessL
     }
 
     // Unmarked (no markers, or an environment we may not read).
-    let beam_pid = ctx.beam.map(|b| b.pid.as_raw());
-    if ancestry
-        .iter()
-        .any(|(p, info)| Some(*p) != beam_pid && is_beam(&info.comm))
-    {
-        return Class::Foreign;
-    }
     match ancestry.first() {
         None => Class::Orphan(OrphanReason::Reparented),
         Some((1, _)) => Class::Orphan(OrphanReason::Reparented),
@@ -192,20 +214,15 @@ pub struct Detection {
     pub age_ms: u64,
 }
 
-/// Scans `/proc` for `pattern` and classifies every match, as seen from `beam` (this VM, or
-/// `None` for the CLI) with the given registered workers.
-pub fn detect(
-    pattern: &Pattern,
-    beam: Option<ProcessIdentity>,
-    registered: HashMap<Pid, Registered>,
-    min_age: Duration,
-) -> Vec<Detection> {
+/// Scans `/proc` for `pattern` and classifies every match as seen from `view`.
+pub fn detect(pattern: &Pattern, view: Viewpoint) -> Vec<Detection> {
     let ticks = procfs::ticks_per_second();
+    let min_age_ms = u64::try_from(view.min_age.as_millis()).unwrap_or(u64::MAX);
     let ctx = Context {
-        beam,
-        registered,
-        min_age_ticks: (min_age.as_millis() as u64).saturating_mul(ticks) / 1000,
+        min_age_ticks: min_age_ms.saturating_mul(ticks) / 1000,
         now_ticks: uptime_ticks(ticks),
+        pid_ns: crate::markers::own_pid_namespace(),
+        view,
     };
     let mut lookup = ProcLookup::default();
     scan(pattern)
@@ -337,10 +354,13 @@ mod tests {
 
     fn ctx() -> Context {
         Context {
-            beam: Some(id(BEAM, 10)),
-            registered: HashMap::new(),
+            view: Viewpoint {
+                beam: Some(id(BEAM, 10)),
+                ..Viewpoint::default()
+            },
             min_age_ticks: 100,
             now_ticks: 1000,
+            pid_ns: Some(4026531836),
         }
     }
 
@@ -360,6 +380,7 @@ mod tests {
             markers: match owner {
                 Some((p, s)) => MarkerRead::Present(Markers {
                     owner: id(p, s),
+                    pid_ns: None,
                     run_id: None,
                     worker_id: None,
                     fingerprint: None,
@@ -389,13 +410,7 @@ mod tests {
         let mut c = candidate(500, HELPER, 900, Some((BEAM, 10)));
         c.facts.state = ProcessState::Zombie;
         let mut ctx = ctx();
-        ctx.registered.insert(
-            c.facts.pid,
-            Registered {
-                start_time: 900,
-                alive: true,
-            },
-        );
+        ctx.view.registered.insert(c.facts.pid, 900);
         assert_eq!(class_of(&c, &ctx), Class::Zombie);
     }
 
@@ -403,49 +418,83 @@ mod tests {
     fn registered_with_live_worker_is_active_only_with_the_same_start_time() {
         let c = candidate(500, HELPER, 500, Some((BEAM, 10)));
         let mut ctx = ctx();
-        ctx.registered.insert(
-            c.facts.pid,
-            Registered {
-                start_time: 500,
-                alive: true,
-            },
-        );
+        ctx.view.registered.insert(c.facts.pid, 500);
         assert_eq!(class_of(&c, &ctx), Class::Active);
 
         // Same pid, other start time: a recycled pid is not the registered worker.
-        ctx.registered.insert(
-            c.facts.pid,
-            Registered {
-                start_time: 499,
-                alive: true,
-            },
-        );
+        ctx.view.registered.insert(c.facts.pid, 499);
         assert_eq!(class_of(&c, &ctx), Class::Orphan(OrphanReason::WorkerGone));
 
-        // Registered but its Elixir worker is dead.
-        ctx.registered.insert(
-            c.facts.pid,
-            Registered {
-                start_time: 500,
-                alive: false,
-            },
-        );
-        assert_eq!(class_of(&c, &ctx), Class::Orphan(OrphanReason::WorkerGone));
+        // Not registered (its Elixir worker died) but still the OS process of an open
+        // port of this VM: in use.
+        ctx.view.registered.clear();
+        ctx.view.port_pids.insert(c.facts.pid);
+        assert_eq!(class_of(&c, &ctx), Class::Active);
     }
 
     #[test]
-    fn children_of_an_active_worker_are_active() {
-        let mut ctx = ctx();
-        let worker = Pid::new(500).unwrap();
-        ctx.registered.insert(
-            worker,
-            Registered {
-                start_time: 900,
-                alive: true,
-            },
-        );
+    fn children_of_an_active_worker_or_port_are_active() {
         let child = candidate(501, 500, 950, Some((BEAM, 10)));
-        assert_eq!(class_of(&child, &ctx), Class::Active);
+        let mut registered = ctx();
+        registered
+            .view
+            .registered
+            .insert(Pid::new(500).unwrap(), 900);
+        assert_eq!(class_of(&child, &registered), Class::Active);
+
+        let mut port = ctx();
+        port.view.port_pids.insert(Pid::new(500).unwrap());
+        assert_eq!(class_of(&child, &port), Class::Active);
+    }
+
+    #[test]
+    fn protection_by_ancestry_stops_at_the_first_vm() {
+        // Another VM that is itself one of our port programs: its workers are its own.
+        let mut t = table();
+        let mut ctx = ctx();
+        ctx.view
+            .port_pids
+            .insert(Pid::new(i64::from(OTHER_BEAM)).unwrap());
+        let theirs = candidate(720, 201, 100, Some((OTHER_BEAM, 20)));
+        assert_eq!(classify(&theirs, &ctx, &mut t), Class::Foreign);
+        // A shell that is our port program: what it runs is in use.
+        t.0.insert(360, info(HELPER, 36, "sh"));
+        ctx.view.port_pids.insert(Pid::new(360).unwrap());
+        assert_eq!(
+            classify(&candidate(721, 360, 100, None), &ctx, &mut t),
+            Class::Active
+        );
+    }
+
+    #[test]
+    fn markers_from_another_pid_namespace_are_never_condemned() {
+        let mut c = candidate(700, 1, 100, Some((4242, 1)));
+        if let MarkerRead::Present(m) = &mut c.markers {
+            m.pid_ns = Some(1);
+        }
+        assert_eq!(class_of(&c, &ctx()), Class::Foreign);
+        // Same namespace: the dead owner condemns it.
+        if let MarkerRead::Present(m) = &mut c.markers {
+            m.pid_ns = ctx().pid_ns;
+        }
+        assert_eq!(class_of(&c, &ctx()), Class::Orphan(OrphanReason::OwnerDead));
+    }
+
+    #[test]
+    fn a_live_beam_above_protects_whatever_the_marker_says() {
+        // The marker names a dead BEAM, but the process runs under another live BEAM.
+        let c = candidate(710, 201, 100, Some((4242, 1)));
+        assert_eq!(class_of(&c, &ctx()), Class::Foreign);
+    }
+
+    #[test]
+    fn emulator_flavours_are_beams() {
+        for comm in ["beam.smp", "beam", "beam.debug.smp", "beam.lcnt.smp"] {
+            assert!(is_beam(comm), "{comm}");
+        }
+        for comm in ["python3", "erl_child_setup", "bash", "epmd"] {
+            assert!(!is_beam(comm), "{comm}");
+        }
     }
 
     #[test]
@@ -528,10 +577,8 @@ mod tests {
 
     #[test]
     fn without_a_beam_markers_still_decide() {
-        let ctx = Context {
-            beam: None,
-            ..ctx()
-        };
+        let mut ctx = ctx();
+        ctx.view.beam = None;
         // From the CLI, a worker of a live BEAM is foreign and one of a dead BEAM an orphan.
         assert_eq!(
             class_of(&candidate(900, HELPER, 100, Some((BEAM, 10))), &ctx),
@@ -562,9 +609,9 @@ mod tests {
             .collect();
         // Our children, unmarked, parent alive and not a BEAM: unmanaged, whatever the age.
         assert!(crate::test_util::eventually(Duration::from_secs(5), || {
-            detect(&pattern, None, HashMap::new(), Duration::ZERO).len() == 2
+            detect(&pattern, Viewpoint::default()).len() == 2
         }));
-        let found = detect(&pattern, None, HashMap::new(), Duration::ZERO);
+        let found = detect(&pattern, Viewpoint::default());
         assert!(
             found.iter().all(|d| d.class == Class::Unmanaged),
             "{found:?}"
@@ -572,14 +619,11 @@ mod tests {
 
         // Registered: active.
         let start = ProcessIdentity::of(pids[0]).unwrap().start_time;
-        let registered = HashMap::from([(
-            pids[0],
-            Registered {
-                start_time: start,
-                alive: true,
-            },
-        )]);
-        let found = detect(&pattern, None, registered, Duration::ZERO);
+        let view = Viewpoint {
+            registered: HashMap::from([(pids[0], start)]),
+            ..Viewpoint::default()
+        };
+        let found = detect(&pattern, view);
         let class_of = |pid: Pid| {
             found
                 .iter()

@@ -8,6 +8,8 @@ use crate::identity::{Pid, ProcessIdentity};
 pub const OWNER_PID: &str = "DSPEX_OWNER_PID";
 /// The BEAM's start time (clock ticks since boot), so a recycled pid is not taken for it.
 pub const OWNER_START: &str = "DSPEX_OWNER_START";
+/// The inode of the BEAM's pid namespace: a pid means something only inside its namespace.
+pub const OWNER_PIDNS: &str = "DSPEX_OWNER_PIDNS";
 /// Random per BEAM boot.
 pub const RUN_ID: &str = "DSPEX_RUN_ID";
 pub const WORKER_ID: &str = "DSPEX_WORKER_ID";
@@ -18,6 +20,8 @@ pub const FINGERPRINT: &str = "DSPEX_FINGERPRINT";
 pub struct Markers {
     /// The owning BEAM.
     pub owner: ProcessIdentity,
+    /// The owner's pid namespace (inode), when stamped.
+    pub pid_ns: Option<u64>,
     pub run_id: Option<String>,
     pub worker_id: Option<String>,
     pub fingerprint: Option<String>,
@@ -48,6 +52,9 @@ impl Markers {
             (OWNER_PID, self.owner.pid.to_string()),
             (OWNER_START, self.owner.start_time.to_string()),
         ];
+        if let Some(ns) = self.pid_ns {
+            env.push((OWNER_PIDNS, ns.to_string()));
+        }
         let optional = [
             (RUN_ID, &self.run_id),
             (WORKER_ID, &self.worker_id),
@@ -62,11 +69,18 @@ impl Markers {
     }
 }
 
+/// The inode of the calling process's pid namespace.
+pub fn own_pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
+}
+
 /// Parses the NUL-separated `KEY=value` list of `/proc/PID/environ`. Markers count only
 /// when both owner fields are present and valid; the rest are optional.
 pub fn parse_environ(environ: &[u8]) -> Option<Markers> {
     let mut owner_pid = None;
     let mut owner_start = None;
+    let mut pid_ns = None;
     let (mut run_id, mut worker_id, mut fingerprint) = (None, None, None);
     for var in environ.split(|b| *b == 0) {
         if !var.starts_with(b"DSPEX_") {
@@ -80,6 +94,7 @@ pub fn parse_environ(environ: &[u8]) -> Option<Markers> {
         match key {
             k if k == OWNER_PID.as_bytes() => owner_pid = text().parse::<i64>().ok(),
             k if k == OWNER_START.as_bytes() => owner_start = text().parse::<u64>().ok(),
+            k if k == OWNER_PIDNS.as_bytes() => pid_ns = text().parse::<u64>().ok(),
             k if k == RUN_ID.as_bytes() => run_id = Some(text()),
             k if k == WORKER_ID.as_bytes() => worker_id = Some(text()),
             k if k == FINGERPRINT.as_bytes() => fingerprint = Some(text()),
@@ -91,6 +106,7 @@ pub fn parse_environ(environ: &[u8]) -> Option<Markers> {
             pid: Pid::new(owner_pid?).ok()?,
             start_time: owner_start?,
         },
+        pid_ns,
         run_id,
         worker_id,
         fingerprint,
@@ -104,16 +120,18 @@ mod tests {
 
     #[test]
     fn parses_full_and_partial_markers() {
-        let env = b"PATH=/bin\0DSPEX_OWNER_PID=4242\0DSPEX_OWNER_START=99\0DSPEX_RUN_ID=r1\0DSPEX_WORKER_ID=w=1\0DSPEX_FINGERPRINT=fp\0";
+        let env = b"PATH=/bin\0DSPEX_OWNER_PID=4242\0DSPEX_OWNER_START=99\0DSPEX_OWNER_PIDNS=77\0DSPEX_RUN_ID=r1\0DSPEX_WORKER_ID=w=1\0DSPEX_FINGERPRINT=fp\0";
         let m = parse_environ(env).unwrap();
         assert_eq!(m.owner.pid.as_raw(), 4242);
         assert_eq!(m.owner.start_time, 99);
+        assert_eq!(m.pid_ns, Some(77));
         assert_eq!(m.run_id.as_deref(), Some("r1"));
         assert_eq!(m.worker_id.as_deref(), Some("w=1"));
         assert_eq!(m.fingerprint.as_deref(), Some("fp"));
 
         let owner_only = parse_environ(b"DSPEX_OWNER_PID=7\0DSPEX_OWNER_START=1").unwrap();
         assert_eq!(owner_only.run_id, None);
+        assert_eq!(owner_only.pid_ns, None);
     }
 
     #[test]
@@ -145,6 +163,7 @@ mod tests {
                 pid: Pid::new(1234).unwrap(),
                 start_time: 5678,
             },
+            pid_ns: own_pid_namespace(),
             run_id: Some("run".into()),
             worker_id: Some("worker 1".into()),
             fingerprint: None,

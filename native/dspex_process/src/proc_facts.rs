@@ -69,15 +69,18 @@ pub struct ProcessFacts {
 }
 
 impl ProcessFacts {
-    /// Reads the facts of `pid`. Everything is read through one `/proc/PID` directory
-    /// handle, so all fields describe the same process even if the pid is recycled
-    /// meanwhile (reads then fail with "no such process").
+    /// Reads the facts of `pid`. stat and uid come through one `/proc/PID` directory
+    /// handle; argv is read by path (procfs rejects non-UTF-8 argv), so the start time is
+    /// read again afterwards: if the pid was recycled meanwhile, this is "no such process".
     pub fn read(pid: Pid) -> Result<ProcessFacts> {
         let raw = pid.as_raw();
         let process = procfs::process::Process::new(raw).map_err(|e| Error::from_proc(raw, e))?;
         let stat = process.stat().map_err(|e| Error::from_proc(raw, e))?;
         let uid = process.uid().map_err(|e| Error::from_proc(raw, e))?;
         let argv = read_argv(pid)?;
+        if ProcessFacts::read_start_time(pid)? != stat.starttime {
+            return Err(Error::NoSuchProcess(raw));
+        }
         Ok(ProcessFacts {
             pid,
             ppid: stat.ppid,

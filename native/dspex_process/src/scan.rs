@@ -119,8 +119,26 @@ impl Candidate {
             Err(Error::NoSuchProcess(_)) => return None,
             Err(_) => MarkerRead::Unreadable,
         };
+        // The environment was read by path: make sure the pid still names the same process.
+        if ProcessFacts::read_start_time(pid).ok()? != facts.start_time {
+            return None;
+        }
         Some(Candidate { facts, markers })
     }
+}
+
+/// The calling process and every ancestor up to PID 1.
+pub fn caller_and_ancestors() -> Vec<i32> {
+    let mut chain = vec![std::process::id() as i32];
+    let mut next = nix::unistd::getppid().as_raw();
+    while next > 1 && !chain.contains(&next) && chain.len() < 256 {
+        chain.push(next);
+        next = match Pid::new(i64::from(next)).and_then(ProcessFacts::read) {
+            Ok(f) => f.ppid,
+            Err(_) => break,
+        };
+    }
+    chain
 }
 
 /// Every live process whose argv matches `pattern`. Processes that vanish while being
@@ -129,6 +147,9 @@ pub fn scan(pattern: &Pattern) -> Vec<Candidate> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    // The caller and its ancestors are never candidates, even when their argv holds the
+    // pattern (`dspex-proc find --pattern x.py`, a script that passes it on).
+    let caller = caller_and_ancestors();
     let mut buf = Vec::with_capacity(4096);
     let mut found = Vec::new();
     for entry in dir.flatten() {
@@ -140,6 +161,9 @@ pub fn scan(pattern: &Pattern) -> Vec<Candidate> {
         else {
             continue;
         };
+        if caller.contains(&pid.as_raw()) {
+            continue;
+        }
         buf.clear();
         let Ok(mut file) = std::fs::File::open(format!("/proc/{pid}/cmdline")) else {
             continue;

@@ -91,21 +91,23 @@ struct Caller {
 
 impl Caller {
     fn current() -> Caller {
-        let pid = std::process::id() as i32;
-        let mut ancestors = HashSet::new();
-        let mut next = nix::unistd::getppid().as_raw();
-        while next > 1 && ancestors.insert(next) {
-            next = match Pid::new(i64::from(next)).and_then(ProcessFacts::read) {
-                Ok(f) => f.ppid,
-                Err(_) => break,
-            };
-        }
+        let mut chain = crate::scan::caller_and_ancestors();
+        let pid = chain.remove(0);
         Caller {
             pid,
             pgid: nix::unistd::getpgrp().as_raw(),
             euid: nix::unistd::geteuid().as_raw(),
-            ancestors,
+            ancestors: chain.into_iter().collect(),
         }
+    }
+
+    /// Whether `facts` may be signalled at all by this caller.
+    fn may_signal(&self, facts: &ProcessFacts, options: &TerminateOptions) -> bool {
+        let pid = facts.pid.as_raw();
+        pid != self.pid
+            && !self.ancestors.contains(&pid)
+            && facts.pgid != self.pgid
+            && (facts.uid == self.euid || options.allow_other_users)
     }
 }
 
@@ -298,7 +300,11 @@ fn wait_all(pinned: &mut [&mut Pinned], deadline: Instant) {
 /// One target and the members of its group that we hold on to.
 struct Job {
     leader: Pinned,
+    /// The target leads its group and every member may be signalled: one signal to the
+    /// group reaches them all, including children forked after the scan.
     group: bool,
+    /// The other members of the target's group, pinned. Signalled one by one when the
+    /// group as a whole may not be (a member of another user, or of the caller's family).
     members: Vec<Pinned>,
     killed: bool,
     failed: Option<i32>,
@@ -369,6 +375,13 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
             Ok(true) => {}
             Ok(false) => job.leader.exited = true,
             Err(errno) => job.failed = Some(errno),
+        }
+        if !job.group {
+            for member in job.members.iter_mut() {
+                if let Ok(false) = member.signal(libc::SIGTERM, false) {
+                    member.exited = true;
+                }
+            }
         }
     }
     let grace_deadline = Instant::now() + options.grace;
@@ -451,11 +464,13 @@ fn pin_group_members(jobs: &mut [(usize, Job)], caller: &Caller, options: &Termi
             continue;
         };
         let leader = jobs[j].1.leader.identity.pid;
-        if pid == leader
-            || pid.as_raw() == caller.pid
-            || caller.ancestors.contains(&pid.as_raw())
-            || (facts.uid != caller.euid && !options.allow_other_users)
-        {
+        if pid == leader {
+            continue;
+        }
+        if !caller.may_signal(&facts, options) {
+            // Someone in this group is not ours to signal: no group signal, members one
+            // by one.
+            jobs[j].1.group = false;
             continue;
         }
         let identity = ProcessIdentity {
@@ -647,6 +662,48 @@ while True: time.sleep(1)
         // 20 serial graces would be 6 s; one shared grace plus the kill is well under 2 s.
         assert!(took < Duration::from_secs(2), "took {took:?}");
         reap(&mut children);
+    }
+
+    #[test]
+    fn a_group_with_a_member_of_another_user_is_signalled_member_by_member() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("needs root to start a process as nobody: not run");
+            return;
+        }
+        // The leader starts a child in its own group that runs as nobody.
+        let code = r#"
+import subprocess, sys, time
+child = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                          sys.executable, "-c", "import time; time.sleep(30)"])
+print(child.pid, flush=True)
+while True: time.sleep(1)
+"#;
+        let (mut leader, id) = spawn(code);
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(leader.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let other = Pid::new(line.trim().parse().unwrap()).unwrap();
+        assert!(eventually(Duration::from_secs(5), || {
+            ProcessFacts::read(other).is_ok_and(|f| f.uid != 0 && f.comm.starts_with("python"))
+        }));
+        let other_id = ProcessIdentity::of(other).unwrap();
+
+        let out = terminate(&[id], &opts(300));
+        assert_eq!(out, vec![Outcome::Graceful]);
+        leader.wait().unwrap();
+        // No group signal reached the other user's process.
+        assert!(
+            other_id.is_current(),
+            "a process of another user was signalled"
+        );
+        assert!(ProcessFacts::read(other).is_ok_and(|f| !f.state.has_exited()));
+        let allowed = TerminateOptions {
+            allow_other_users: true,
+            ..opts(300)
+        };
+        assert_eq!(terminate(&[other_id], &allowed), vec![Outcome::Graceful]);
     }
 
     #[test]

@@ -2,13 +2,13 @@
 //! systemd, with no BEAM running; and `exec`, the PR_SET_PDEATHSIG launcher for workers.
 
 use clap::{Args, Parser, Subcommand};
-use dspex_process::classify::{self, Class, Detection, ProcLookup};
+use dspex_process::classify::{self, Class, Detection, ProcLookup, Viewpoint};
 use dspex_process::markers::Markers;
 use dspex_process::scan::{Pattern, DEFAULT_PATTERN};
 use dspex_process::terminate::{self, Outcome, TerminateOptions};
 use dspex_process::{Pid, ProcessIdentity};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -135,7 +135,7 @@ fn pattern(sel: &Selection) -> Result<Pattern, ExitCode> {
 /// Classifies as the CLI sees it: no BEAM of its own, no registry. Markers and ancestry
 /// decide.
 fn detect(pattern: &Pattern) -> Vec<Detection> {
-    classify::detect(pattern, None, HashMap::new(), Duration::ZERO)
+    classify::detect(pattern, Viewpoint::default())
 }
 
 /// The reason to act on a detection, if it is a target.

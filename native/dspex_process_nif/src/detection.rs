@@ -3,16 +3,17 @@
 
 use crate::atom;
 use crate::registry::RegistryResource;
-use dspex_process::classify::{self, Class, Registered};
+use dspex_process::classify::{self, Class, Viewpoint};
+use dspex_process::markers::own_pid_namespace;
 use dspex_process::scan::{MarkerRead, Pattern};
 use dspex_process::terminate::{self, Outcome, TerminateOptions};
-use dspex_process::{Pid, ProcessIdentity};
-use rustler::{Atom, Binary, Encoder, Env, NifMap, ResourceArc, Term};
+use dspex_process::{Pid, ProcessFacts, ProcessIdentity};
+use rustler::{Atom, Binary, Encoder, Env, NifMap, OwnedEnv, ResourceArc, Term};
 use std::collections::HashMap;
 use std::time::Duration;
 
 mod atoms {
-    rustler::atoms! { ok, error, graceful, force_killed, already_gone, still_alive, signal_failed, invalid_pattern }
+    rustler::atoms! { ok, error, graceful, force_killed, already_gone, still_alive, signal_failed, invalid_pattern, dspex_terminated }
 }
 
 #[derive(NifMap)]
@@ -42,17 +43,16 @@ struct Detected {
 
 /// This VM's identity: its OS pid and start time.
 pub(crate) fn this_beam() -> Option<ProcessIdentity> {
-    Pid::new(i64::from(std::process::id()))
-        .and_then(ProcessIdentity::of)
-        .ok()
+    Pid::from_kernel(std::process::id() as i32).and_then(|pid| ProcessIdentity::of(pid).ok())
 }
 
-/// Scans for `patterns` and classifies every match as seen from this VM, with the live
-/// workers of `registry` (or none, for `nil`).
+/// Scans for `patterns` and classifies every match as seen from this VM: the live workers
+/// of every running registry and the OS processes of this VM's open ports are in use.
 #[rustler::nif(schedule = "DirtyIo")]
 fn detect<'a>(
     env: Env<'a>,
-    registry: Option<ResourceArc<RegistryResource>>,
+    registries: Vec<ResourceArc<RegistryResource>>,
+    port_pids: Vec<i64>,
     patterns: Vec<Binary>,
     min_age_ms: u64,
 ) -> Term<'a> {
@@ -60,27 +60,21 @@ fn detect<'a>(
         Ok(p) => p,
         Err(_) => return (atoms::error(), atoms::invalid_pattern()).encode(env),
     };
-    let registered: HashMap<Pid, Registered> = registry
-        .map(|r| {
-            r.live_python(env)
-                .into_iter()
-                .map(|id| {
-                    let entry = Registered {
-                        start_time: id.start_time,
-                        alive: true,
-                    };
-                    (id.pid, entry)
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let detections = classify::detect(
-        &pattern,
-        this_beam(),
+    let registered: HashMap<Pid, u64> = registries
+        .iter()
+        .flat_map(|r| r.live_python(env))
+        .map(|id| (id.pid, id.start_time))
+        .collect();
+    let view = Viewpoint {
+        beam: this_beam(),
         registered,
-        Duration::from_millis(min_age_ms),
-    );
-    let out: Vec<Detected> = detections
+        port_pids: port_pids
+            .into_iter()
+            .filter_map(|p| Pid::new(p).ok())
+            .collect(),
+        min_age: Duration::from_millis(min_age_ms),
+    };
+    let out: Vec<Detected> = classify::detect(&pattern, view)
         .into_iter()
         .map(|d| {
             let facts = d.candidate.facts;
@@ -114,40 +108,52 @@ fn detect<'a>(
     (atoms::ok(), out).encode(env)
 }
 
-/// Terminates `targets` (`{pid, start_time}` pairs) in parallel with one shared grace.
-#[rustler::nif(schedule = "DirtyIo")]
-fn terminate<'a>(
-    env: Env<'a>,
+/// Starts terminating `targets` (`{pid, start_time}` pairs) in parallel with one shared
+/// grace, on a thread of its own: waiting for the grace must not hold a scheduler, not even
+/// a dirty one. Returns at once; the caller then receives
+/// `{:dspex_terminated, tag, outcomes}`, one outcome per target, in order.
+#[rustler::nif]
+fn terminate_start(
+    env: Env,
     targets: Vec<(i64, u64)>,
     grace_ms: u64,
     kill_wait_ms: u64,
     kill_group: bool,
     allow_other_users: bool,
-) -> Vec<Term<'a>> {
+    tag: u64,
+) -> Atom {
+    let caller = env.pid();
     let options = TerminateOptions {
         grace: Duration::from_millis(grace_ms),
         kill_wait: Duration::from_millis(kill_wait_ms),
         kill_group,
         allow_other_users,
     };
-    // Invalid pids (<= 1, > i32::MAX) are answered without reaching the terminator.
-    let parsed: Vec<Option<ProcessIdentity>> = targets
-        .iter()
-        .map(|&(pid, start_time)| {
-            Pid::new(pid)
-                .ok()
-                .map(|pid| ProcessIdentity { pid, start_time })
-        })
-        .collect();
-    let valid: Vec<ProcessIdentity> = parsed.iter().flatten().copied().collect();
-    let mut outcomes = terminate::terminate(&valid, &options).into_iter();
-    parsed
-        .iter()
-        .map(|p| match p {
-            None => (atoms::error(), atom(env, "invalid_pid")).encode(env),
-            Some(_) => encode_outcome(env, outcomes.next().unwrap_or(Outcome::AlreadyGone)),
-        })
-        .collect()
+    std::thread::spawn(move || {
+        // Invalid pids (<= 1, > i32::MAX) are answered without reaching the terminator.
+        let parsed: Vec<Option<ProcessIdentity>> = targets
+            .iter()
+            .map(|&(pid, start_time)| {
+                Pid::new(pid)
+                    .ok()
+                    .map(|pid| ProcessIdentity { pid, start_time })
+            })
+            .collect();
+        let valid: Vec<ProcessIdentity> = parsed.iter().flatten().copied().collect();
+        let outcomes = terminate::terminate(&valid, &options);
+        let _ = OwnedEnv::new().send_and_clear(&caller, |env| {
+            let mut outcomes = outcomes.into_iter();
+            let encoded: Vec<Term> = parsed
+                .iter()
+                .map(|p| match p {
+                    None => (atoms::error(), atom(env, "invalid_pid")).encode(env),
+                    Some(_) => encode_outcome(env, outcomes.next().unwrap_or(Outcome::AlreadyGone)),
+                })
+                .collect();
+            (atoms::dspex_terminated(), tag, encoded).encode(env)
+        });
+    });
+    atoms::ok()
 }
 
 fn encode_outcome(env: Env, outcome: Outcome) -> Term {
@@ -163,10 +169,34 @@ fn encode_outcome(env: Env, outcome: Outcome) -> Term {
     }
 }
 
-/// `{os_pid, start_time}` of this VM, for the ownership markers.
+/// `{os_pid, start_time, pid_namespace}` of this VM, for the ownership markers.
 #[rustler::nif]
-fn beam_identity() -> Option<(i32, u64)> {
-    this_beam().map(|id| (id.pid.as_raw(), id.start_time))
+fn beam_identity() -> Option<(i32, u64, Option<u64>)> {
+    this_beam().map(|id| (id.pid.as_raw(), id.start_time, own_pid_namespace()))
+}
+
+/// Whether `pid` is a port program of this VM: its parent is the port helper
+/// (`erl_child_setup`) whose parent is this VM. Guards a registration against a pid that
+/// was recycled before it could be read.
+#[rustler::nif]
+fn is_port_child(pid: i64) -> bool {
+    let Some(beam) = this_beam() else {
+        return false;
+    };
+    let parent = |pid: i32| {
+        Pid::from_kernel(pid)
+            .and_then(|p| ProcessFacts::read(p).ok())
+            .map(|f| (f.ppid, f.comm))
+    };
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    match parent(pid).and_then(|(ppid, _)| parent(ppid)) {
+        Some((helper_parent, helper_comm)) => {
+            helper_comm == "erl_child_setup" && helper_parent == beam.pid.as_raw()
+        }
+        None => false,
+    }
 }
 
 #[derive(NifMap)]

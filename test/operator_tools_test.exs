@@ -1,0 +1,333 @@
+defmodule DSPex.Python.OperatorToolsTest do
+  # The PDEATHSIG guard, the dspex-proc CLI, kill_python.sh, the mix task and the demo,
+  # all against real BEAMs and real processes. Not async: several BEAMs per test.
+  use ExUnit.Case, async: false
+
+  import ExUnit.CaptureIO
+  import ExUnit.CaptureLog
+  import DSPex.Test.OSProcess
+
+  alias DSPex.Python.{Native, OrphanDetector, Worker}
+  alias DSPex.Test.PeerBeam
+
+  @moduletag timeout: 180_000
+  @root Path.expand("..", __DIR__)
+
+  setup do
+    {script, pattern} = unique_bridge("ops")
+
+    on_exit(fn ->
+      kill_leftovers(pattern)
+      File.rm(script)
+    end)
+
+    %{script: script, pattern: pattern, cli: Worker.guard_executable()}
+  end
+
+  defp identities(pids), do: Enum.map(pids, &{&1, start_time(&1)})
+  defp all_gone?(ids), do: Enum.all?(ids, fn {p, s} -> not alive?(p, s) end)
+  defp all_alive?(ids), do: Enum.all?(ids, fn {p, s} -> alive?(p, s) end)
+
+  # Reads fields out of JSON with python3's json module (Elixir 1.14 has no JSON decoder).
+  defp json(text, expression) do
+    code = "import json, sys; d = json.load(sys.stdin); print(#{expression})"
+
+    {out, 0} =
+      System.cmd("sh", ["-c", ~s(printf '%s' "$J" | "$0" -c "$1"), python(), code],
+        env: [{"J", text}]
+      )
+
+    String.trim(out)
+  end
+
+  defp orphans_of_a_dead_beam(script, count) do
+    peer = PeerBeam.start(script, count, ["--linger"])
+    ids = identities(peer.worker_pids)
+    PeerBeam.kill(peer)
+    ids
+  end
+
+  describe "the PDEATHSIG guard" do
+    test "guarded workers die with their BEAM; unguarded ones stay for the detector",
+         %{script: script, pattern: pattern} do
+      guarded = PeerBeam.start(script, 3, ["--linger"], guard: true)
+      unguarded = PeerBeam.start(script, 2, ["--linger"], guard: false)
+      guarded_ids = identities(guarded.worker_pids)
+      unguarded_ids = identities(unguarded.worker_pids)
+
+      PeerBeam.kill(guarded)
+      PeerBeam.kill(unguarded)
+
+      assert eventually(fn -> all_gone?(guarded_ids) end, 1_000),
+             "guarded workers outlived their BEAM by more than a second"
+
+      assert all_alive?(unguarded_ids)
+      orphans = OrphanDetector.find_orphaned_processes(pattern: pattern)
+      assert Enum.sort(Enum.map(orphans, & &1.pid)) == Enum.sort(unguarded.worker_pids)
+    end
+
+    test "a guarded worker keeps its pid through the exec and works normally", %{script: script} do
+      pid = start_supervised!({Worker, worker_id: :guarded, script: script, python: python()})
+      {:ok, os_pid} = Worker.call(pid, "pid")
+      assert String.to_integer(os_pid) == Worker.os_pid(pid)
+    end
+
+    test "dspex-proc exec runs the command in place and reports exec failures", %{cli: cli} do
+      assert {"hello\n", 0} =
+               System.cmd(cli, ["exec", "--pdeathsig", "TERM", "--", "echo", "hello"])
+
+      assert {out, 127} =
+               System.cmd(cli, ["exec", "--", "/nonexistent/program"], stderr_to_stdout: true)
+
+      assert out =~ "/nonexistent/program"
+
+      assert {_, 2} =
+               System.cmd(cli, ["exec", "--pdeathsig", "NOPE", "--", "true"],
+                 stderr_to_stdout: true
+               )
+
+      assert {_, 2} = System.cmd(cli, ["exec"], stderr_to_stdout: true)
+
+      # Same pid: the shell's $$ is the pid the exec wrapper was started with.
+      port =
+        Port.open({:spawn_executable, cli}, [
+          :binary,
+          :exit_status,
+          args: ["exec", "--", "sh", "-c", "echo $$"]
+        ])
+
+      {:os_pid, os_pid} = Port.info(port, :os_pid)
+      assert_receive {^port, {:data, out}}, 5_000
+      assert String.trim(out) == Integer.to_string(os_pid)
+      assert_receive {^port, {:exit_status, 0}}, 5_000
+    end
+  end
+
+  describe "dspex-proc" do
+    test "finds and ends the orphans of a dead BEAM while a live BEAM's workers survive",
+         %{script: script, pattern: pattern, cli: cli} do
+      orphan_ids = orphans_of_a_dead_beam(script, 3)
+      live = PeerBeam.start(script, 2)
+      live_ids = identities(live.worker_pids)
+
+      {out, 1} = System.cmd(cli, ["find", "--json", "--pattern", pattern])
+
+      pids =
+        json(
+          out,
+          ~S|" ".join(str(o["pid"]) for o in sorted(d["orphans"], key=lambda o: o["pid"]))|
+        )
+
+      assert pids == orphan_ids |> Enum.map(&elem(&1, 0)) |> Enum.sort() |> Enum.join(" ")
+      assert json(out, ~S|set(o["reason"] for o in d["orphans"])|) == "{'owner_dead'}"
+
+      {out, 1} = System.cmd(cli, ["status", "--json", "--pattern", pattern])
+
+      assert json(
+               out,
+               ~S|d["orphaned_processes"], d["total_dspy_processes"], d["classes"]["foreign"]|
+             ) == "3 5 2"
+
+      # No terminal and no --yes: refused, nothing signalled.
+      {_, 3} = System.cmd(cli, ["cleanup", "--pattern", pattern], stderr_to_stdout: true)
+      assert all_alive?(orphan_ids)
+
+      {out, 0} = System.cmd(cli, ["cleanup", "--dry-run", "--json", "--pattern", pattern])
+      assert json(out, ~S|d["found"], d["terminated"], d["dry_run"]|) == "3 0 True"
+      assert all_alive?(orphan_ids)
+
+      {out, 0} = System.cmd(cli, ["cleanup", "--yes", "--grace", "2000", "--pattern", pattern])
+      assert out =~ "Found: 3 orphaned processes"
+      assert out =~ "Terminated: 3 processes"
+      assert out =~ "Errors: 0"
+      assert out =~ "Preserved: 2 active workers"
+
+      assert all_gone?(orphan_ids)
+      assert all_alive?(live_ids)
+      {out, 0} = System.cmd(cli, ["status", "--pattern", pattern])
+      assert out =~ "Health:             healthy"
+      PeerBeam.stop(live)
+    end
+
+    test "bad arguments print usage and exit 2", %{cli: cli} do
+      for args <- [
+            ["bogus"],
+            [],
+            ["cleanup", "--grace", "soon"],
+            ["find", "--pattern", ""],
+            ["status", "--pattern", "a\tb", "--nope"]
+          ] do
+        {out, code} = System.cmd(cli, args, stderr_to_stdout: true)
+        assert code == 2, "#{inspect(args)} exited #{code}: #{out}"
+        assert out =~ "Usage" or out =~ "--help" or out =~ "invalid pattern"
+      end
+
+      {out, 0} = System.cmd(cli, ["--help"])
+      assert out =~ "Exit codes:"
+    end
+  end
+
+  describe "kill_python.sh" do
+    defp kill_python(args),
+      do: System.cmd("bash", [Path.join(@root, "kill_python.sh") | args], stderr_to_stdout: true)
+
+    # Processes started from a shell, outside any BEAM's ports: what manual mode is for.
+    defp start_by_hand(script, count, args) do
+      for _ <- 1..count do
+        port =
+          Port.open({:spawn_executable, System.find_executable("sh")}, [
+            :binary,
+            args: ["-c", ~s(exec 2>/dev/null; "$PY" "$SCRIPT" --linger $EXTRA; exit 0)],
+            env: [
+              {~c"PY", String.to_charlist(python())},
+              {~c"SCRIPT", String.to_charlist(script)},
+              {~c"EXTRA", String.to_charlist(Enum.join(args, " "))}
+            ]
+          ])
+
+        {:os_pid, sh} = Port.info(port, :os_pid)
+        assert eventually(fn -> children(sh) != [] end)
+        [child] = children(sh)
+        {child, start_time(child)}
+      end
+    end
+
+    defp children(pid) do
+      case File.read("/proc/#{pid}/task/#{pid}/children") do
+        {:ok, text} -> text |> String.split() |> Enum.map(&String.to_integer/1)
+        _ -> []
+      end
+    end
+
+    test "intelligent mode ends orphans and preserves a live BEAM's workers",
+         %{script: script, pattern: pattern, cli: cli} do
+      orphan_ids = orphans_of_a_dead_beam(script, 3)
+      live = PeerBeam.start(script, 2)
+      live_ids = identities(live.worker_pids)
+
+      {out, 0} = kill_python(["--pattern", pattern, "--cli", cli, "--grace", "2000"])
+      assert out =~ "intelligent"
+      assert out =~ "Found: 3 orphaned processes"
+      assert out =~ "Terminated: 3 processes"
+      assert out =~ "Preserved: 2 active workers"
+      assert out =~ "✅ Intelligent cleanup completed successfully"
+      assert all_gone?(orphan_ids)
+      assert all_alive?(live_ids)
+      PeerBeam.stop(live)
+    end
+
+    test "node mode asks a live node, whose own workers are active",
+         %{script: script, pattern: pattern} do
+      orphan_ids = orphans_of_a_dead_beam(script, 2)
+      sname = "kp_peer_#{System.unique_integer([:positive])}"
+      cookie = "cookie_#{System.unique_integer([:positive])}"
+      node = PeerBeam.start(script, 2, [], sname: sname, cookie: cookie)
+      node_ids = identities(node.worker_pids)
+
+      {:ok, host} = :inet.gethostname()
+
+      {out, 0} =
+        kill_python([
+          "--pattern",
+          pattern,
+          "--node",
+          "#{sname}@#{host}",
+          "--cookie",
+          cookie,
+          "--grace",
+          "2000"
+        ])
+
+      assert out =~ "Found: 2 orphaned processes"
+      assert out =~ "Terminated: 2 processes"
+      assert out =~ "Preserved: 2 active workers"
+      assert all_gone?(orphan_ids)
+      assert all_alive?(node_ids)
+
+      {out, 4} =
+        kill_python(["--pattern", pattern, "--node", "nobody_here@#{host}", "--cookie", cookie])
+
+      assert out =~ "did not answer"
+      PeerBeam.stop(node)
+    end
+
+    test "manual mode: --dry-run and no terminal without --yes signal nothing; --yes ends all",
+         %{script: script, pattern: pattern} do
+      ids = start_by_hand(script, 2, []) ++ start_by_hand(script, 1, ["--ignore-sigterm"])
+
+      {out, 0} = kill_python(["--manual", "--pattern", pattern, "--dry-run"])
+      assert out =~ "Manual cleanup mode"
+      assert out =~ "Cannot distinguish active workers from orphaned processes"
+      assert out =~ "Dry run"
+      assert all_alive?(ids)
+
+      {out, 3} = kill_python(["--manual", "--pattern", pattern])
+      assert out =~ "Refusing without --yes"
+      assert all_alive?(ids)
+
+      {out, 0} = kill_python(["--manual", "--pattern", pattern, "--yes", "--grace", "300"])
+      assert out =~ "Found: 3 processes"
+      assert out =~ "Terminated: 3 processes"
+      assert out =~ "Errors: 0"
+      assert all_gone?(ids)
+    end
+
+    test "bad arguments exit 2 with usage" do
+      for args <- [["--bogus"], ["--grace", "soon"], ["--pattern"], ["--cookie", "c"]] do
+        {out, 2} = kill_python(args)
+        assert out =~ "Usage: kill_python.sh"
+      end
+    end
+  end
+
+  describe "mix dspex.orphans" do
+    test "status, find and cleanup inside the project", %{script: script, pattern: pattern} do
+      orphan_ids = orphans_of_a_dead_beam(script, 2)
+      task = &Mix.Tasks.Dspex.Orphans.run/1
+
+      out =
+        capture_io(fn ->
+          assert catch_exit(task.(["status", "--pattern", pattern])) == {:shutdown, 1}
+        end)
+
+      assert out =~ "Orphans:            2"
+
+      out =
+        capture_io(fn ->
+          assert catch_exit(task.(["find", "--pattern", pattern])) == {:shutdown, 1}
+        end)
+
+      for {pid, _} <- orphan_ids, do: assert(out =~ "#{pid}\towner_dead")
+
+      capture_log(fn ->
+        out = capture_io(fn -> task.(["cleanup", "--pattern", pattern, "--grace", "2000"]) end)
+        assert out =~ "Terminated: 2 processes"
+      end)
+
+      assert all_gone?(orphan_ids)
+      assert_raise Mix.Error, ~r/unknown command/, fn -> task.(["explode"]) end
+      assert_raise Mix.Error, ~r/invalid option/, fn -> task.(["--grace", "x"]) end
+      assert_raise Mix.Error, ~r/pattern/, fn -> task.(["find", "--pattern", ""]) end
+    end
+  end
+
+  test "the demo runs to the end and leaves nothing behind" do
+    name = "dspy_bridge_demo_test_#{System.unique_integer([:positive])}.py"
+
+    {out, status} =
+      System.cmd("mix", ["run", "examples/orphan_demo.exs"],
+        cd: @root,
+        env: [{"MIX_ENV", "test"}, {"DSPEX_DEMO_NAME", name}],
+        stderr_to_stdout: true
+      )
+
+    assert status == 0, out
+    assert out =~ "system_health: :degraded"
+    assert out =~ "Found: 3 orphaned processes"
+    assert out =~ "Terminated: 3 processes"
+    assert out =~ "Preserved: 8 active workers"
+    assert out =~ "system_health: :healthy"
+    assert out =~ "DEMO OK"
+    assert OrphanDetector.classify_processes(pattern: name) == []
+  end
+end
