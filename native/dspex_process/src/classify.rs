@@ -296,10 +296,10 @@ pub fn health(orphans: usize, total: usize) -> &'static str {
 }
 
 fn read_proc_info(pid: i32) -> Option<ProcInfo> {
-    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    let stat = crate::Stat::read(pid).ok()?;
     Some(ProcInfo {
         ppid: stat.ppid,
-        start_time: stat.starttime,
+        start_time: stat.start_time,
         comm: stat.comm,
     })
 }

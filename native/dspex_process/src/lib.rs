@@ -23,5 +23,5 @@ mod test_util;
 
 pub use error::{Error, Result};
 pub use identity::{Pid, ProcessIdentity};
-pub use proc_facts::{ProcessFacts, ProcessState};
+pub use proc_facts::{read_uid, ProcessFacts, ProcessState, Stat};
 pub use registry::{Registry, RegistryStats, WorkerEntry};

@@ -100,13 +100,98 @@ impl ProcessFacts {
         let raw = pid.as_raw();
         let mut buf = [0u8; 1024];
         let len = read_small(&format!("/proc/{raw}/stat"), &mut buf, raw)?;
-        parse_stat_start_time(&buf[..len]).ok_or_else(|| Error::Proc {
-            pid: raw,
-            message: "unparsable /proc/PID/stat".to_string(),
-        })
+        parse_stat_start_time(&buf[..len]).ok_or_else(|| unparsable(raw))
     }
 }
 
+fn unparsable(pid: i32) -> Error {
+    Error::Proc {
+        pid,
+        message: "unparsable /proc/PID/stat".to_string(),
+    }
+}
+
+/// The fields of `/proc/PID/stat` that this library uses, from a single read. Scans,
+/// ancestry walks and pinning use it; [`ProcessFacts`] adds uid and argv.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub comm: String,
+    pub state: ProcessState,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub start_time: u64,
+}
+
+impl Stat {
+    /// Reads `/proc/PID/stat` of any pid the kernel reports (PID 1 included).
+    pub fn read(pid: i32) -> Result<Stat> {
+        let mut buf = [0u8; 1024];
+        let len = read_small(&format!("/proc/{pid}/stat"), &mut buf, pid)?;
+        parse_stat(&buf[..len]).ok_or_else(|| unparsable(pid))
+    }
+}
+
+/// Every pid in `/proc` now, in no particular order.
+pub fn all_pids() -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| *pid > 0)
+        .collect()
+}
+
+/// The owner of `/proc/PID`: the process's real uid.
+pub fn read_uid(pid: i32) -> Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}"))
+        .map(|m| m.uid())
+        .map_err(|e| io_error(pid, e))
+}
+
+fn io_error(pid: i32, e: std::io::Error) -> Error {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NoSuchProcess(pid),
+        std::io::ErrorKind::PermissionDenied => Error::PermissionDenied(pid),
+        _ if e.raw_os_error() == Some(libc::ESRCH) => Error::NoSuchProcess(pid),
+        _ => Error::Proc {
+            pid,
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Parses a `/proc/PID/stat` line. The command name (field 2) may hold spaces and
+/// parentheses, so it runs from the first `(` to the *last* `)`.
+pub(crate) fn parse_stat(stat: &[u8]) -> Option<Stat> {
+    let open = stat.iter().position(|b| *b == b'(')?;
+    let close = stat.iter().rposition(|b| *b == b')')?;
+    if close < open {
+        return None;
+    }
+    let comm = String::from_utf8_lossy(&stat[open + 1..close]).into_owned();
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    // After ")" come field 3 (state), 4 (ppid), 5 (pgrp), 6 (session) ... 22 (starttime).
+    let mut fields = rest.split_ascii_whitespace();
+    let state = ProcessState::from_char(fields.next()?.chars().next()?);
+    let ppid = fields.next()?.parse().ok()?;
+    let pgid = fields.next()?.parse().ok()?;
+    let sid = fields.next()?.parse().ok()?;
+    let start_time = fields.nth(15)?.parse().ok()?;
+    Some(Stat {
+        comm,
+        state,
+        ppid,
+        pgid,
+        sid,
+        start_time,
+    })
+}
+
+/// One read is enough: the kernel produces the whole (short) file at once. A second read
+/// only to see EOF would double the syscalls of every scan.
 fn read_small(path: &str, buf: &mut [u8], pid: i32) -> Result<usize> {
     let map = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::NotFound => Error::NoSuchProcess(pid),
@@ -118,14 +203,7 @@ fn read_small(path: &str, buf: &mut [u8], pid: i32) -> Result<usize> {
         },
     };
     let mut file = std::fs::File::open(path).map_err(map)?;
-    let mut len = 0;
-    loop {
-        let n = file.read(&mut buf[len..]).map_err(map)?;
-        if n == 0 || len + n == buf.len() {
-            return Ok(len + n);
-        }
-        len += n;
-    }
+    file.read(buf).map_err(map)
 }
 
 /// The argv of `pid`, split on NUL; bytes that are not UTF-8 are replaced, never fatal.
@@ -172,6 +250,40 @@ mod tests {
         assert_eq!(parse_stat_start_time(b"12 (a) S 1 2"), None);
         assert_eq!(parse_stat_start_time(b"no paren"), None);
         assert_eq!(parse_stat_start_time(b""), None);
+    }
+
+    #[test]
+    fn parses_the_fields_we_use() {
+        let line = b"4242 (a) b) (c) S 1 4242 4241 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200";
+        let stat = parse_stat(line).unwrap();
+        assert_eq!(stat.comm, "a) b) (c");
+        assert_eq!(stat.state, ProcessState::Sleeping);
+        assert_eq!((stat.ppid, stat.pgid, stat.sid), (1, 4242, 4241));
+        assert_eq!(stat.start_time, 987654);
+        assert_eq!(parse_stat(b"1 (x) S 1 2 3"), None);
+        assert_eq!(
+            parse_stat(b"1 )x( S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20"),
+            None
+        );
+        assert_eq!(parse_stat(b""), None);
+    }
+
+    #[test]
+    fn stat_agrees_with_procfs_on_real_processes() {
+        for pid in [1, std::process::id() as i32] {
+            let ours = Stat::read(pid).unwrap();
+            let theirs = procfs::process::Process::new(pid).unwrap().stat().unwrap();
+            assert_eq!(ours.comm, theirs.comm);
+            assert_eq!(ours.ppid, theirs.ppid);
+            assert_eq!(ours.pgid, theirs.pgrp);
+            assert_eq!(ours.sid, theirs.session);
+            assert_eq!(ours.start_time, theirs.starttime);
+        }
+        assert_eq!(
+            read_uid(std::process::id() as i32).unwrap(),
+            nix::unistd::getuid().as_raw()
+        );
+        assert!(matches!(Stat::read(i32::MAX), Err(Error::NoSuchProcess(_))));
     }
 
     #[test]

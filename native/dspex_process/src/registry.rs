@@ -1,6 +1,7 @@
 use crate::identity::ProcessIdentity;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use std::borrow::Borrow;
 use std::hash::Hash;
 
 /// One registered worker.
@@ -13,9 +14,12 @@ pub struct WorkerEntry<O> {
     pub fingerprint: Box<str>,
     /// Unix time in seconds.
     pub registered_at: u64,
+    /// The owner is being watched, hence alive: an entry leaves the registry as soon as its
+    /// owner dies. `false` only when the owner was already dead when it registered.
+    pub alive: bool,
 }
 
-/// Counts over the registry, given which owners are alive.
+/// Counts over the registry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RegistryStats {
     pub total_registered: usize,
@@ -24,27 +28,65 @@ pub struct RegistryStats {
     pub active_python_pids: usize,
 }
 
-/// Per owner: the monitor watching it and the keys it owns (usually one).
-struct OwnerRecord<K, M> {
-    monitor: Option<M>,
-    keys: Vec<K>,
+/// The keys one owner has registered: almost always exactly one, kept without a `Vec`.
+#[derive(Debug)]
+enum Keys<K> {
+    None,
+    One(K),
+    Many(Vec<K>),
+}
+
+impl<K: PartialEq> Keys<K> {
+    fn add(&mut self, key: K) {
+        match std::mem::replace(self, Keys::None) {
+            Keys::None => *self = Keys::One(key),
+            Keys::One(k) if k == key => *self = Keys::One(k),
+            Keys::One(k) => *self = Keys::Many(vec![k, key]),
+            Keys::Many(mut ks) => {
+                if !ks.contains(&key) {
+                    ks.push(key);
+                }
+                *self = Keys::Many(ks);
+            }
+        }
+    }
+
+    fn remove<Q>(&mut self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: PartialEq + ?Sized,
+    {
+        match self {
+            Keys::One(k) if (*k).borrow() == key => *self = Keys::None,
+            Keys::Many(ks) => ks.retain(|k| k.borrow() != key),
+            _ => {}
+        }
+    }
+
+    fn into_vec(self) -> Vec<K> {
+        match self {
+            Keys::None => Vec::new(),
+            Keys::One(k) => vec![k],
+            Keys::Many(ks) => ks,
+        }
+    }
 }
 
 /// A concurrent worker registry.
 ///
-/// `K` is the worker id, `O` the owner handle (an Elixir pid in the NIF), `M` the handle of
-/// the monitor that watches an owner. The registry asks for one monitor per owner and hands
-/// monitors back when an owner no longer owns anything, so the caller can cancel them.
+/// `K` is the worker id and `O` the owner handle (an Elixir pid in the NIF). Each owner is
+/// watched once, through the `monitor` callback given to [`Registry::register`], for as long
+/// as it lives; [`Registry::owner_down`] is the other half.
 ///
-/// Locking: every change to the entries of owner `o` happens while `o`'s record in `owners`
-/// is locked, and no code holds an `entries` lock while taking an `owners` lock, so there
-/// is no lock-order inversion.
-pub struct Registry<K, O, M> {
+/// Locking: every change to the entries of owner `o` is made while `o`'s record in `owners`
+/// is locked, or after that record is gone; no code holds an `entries` lock while taking
+/// an `owners` lock, so there is no lock-order inversion.
+pub struct Registry<K, O> {
     entries: DashMap<K, WorkerEntry<O>>,
-    owners: DashMap<O, OwnerRecord<K, M>>,
+    owners: DashMap<O, Keys<K>>,
 }
 
-impl<K, O, M> Default for Registry<K, O, M>
+impl<K, O> Default for Registry<K, O>
 where
     K: Eq + Hash + Clone,
     O: Eq + Hash + Copy,
@@ -54,7 +96,7 @@ where
     }
 }
 
-impl<K, O, M> Registry<K, O, M>
+impl<K, O> Registry<K, O>
 where
     K: Eq + Hash + Clone,
     O: Eq + Hash + Copy,
@@ -66,86 +108,100 @@ where
         }
     }
 
-    /// Inserts `entry` under `key`, replacing any entry there. `monitor` is called (at most
-    /// once) when the owner is not watched yet; it returns `None` when the owner is already
-    /// dead, and the entry then stays until [`Registry::remove_dead`] takes it.
-    ///
-    /// Returns the monitor of a former owner that no longer owns any key, to be cancelled.
-    pub fn register(
-        &self,
-        key: K,
-        entry: WorkerEntry<O>,
-        monitor: impl FnOnce(&O) -> Option<M>,
-    ) -> Option<M> {
+    /// Inserts an entry under `key`, replacing any entry there. `monitor` is called once per
+    /// owner, the first time it registers; it returns `false` when the owner is already dead,
+    /// and the entry is then kept as dead until [`Registry::remove_dead`] takes it.
+    pub fn register(&self, key: K, mut entry: WorkerEntry<O>, monitor: impl FnOnce(&O) -> bool) {
         let owner = entry.owner;
-        let replaced = {
-            let mut record = self.owners.entry(owner).or_insert_with(|| OwnerRecord {
-                monitor: monitor(&owner),
-                keys: Vec::with_capacity(1),
-            });
-            if !record.keys.contains(&key) {
-                record.keys.push(key.clone());
+        let replaced = match self.owners.entry(owner) {
+            Entry::Occupied(mut keys) => {
+                entry.alive = true;
+                keys.get_mut().add(key.clone());
+                self.entries.insert(key.clone(), entry)
             }
-            self.entries.insert(key.clone(), entry)
+            Entry::Vacant(slot) => {
+                entry.alive = monitor(&owner);
+                if entry.alive {
+                    slot.insert(Keys::One(key.clone()));
+                } else {
+                    drop(slot);
+                }
+                self.entries.insert(key.clone(), entry)
+            }
         };
-        match replaced {
-            Some(old) if old.owner != owner => self.forget_key(&old.owner, &key),
-            _ => None,
-        }
-    }
-
-    /// Removes `key`. Returns whether it was there, and a monitor to cancel when its owner
-    /// owns nothing else.
-    pub fn unregister(&self, key: &K) -> (bool, Option<M>) {
-        loop {
-            let owner = match self.entries.get(key) {
-                Some(entry) => entry.owner,
-                None => return (false, None),
-            };
-            if let Some(result) = self.remove_owned(key, owner) {
-                return (true, result);
+        if let Some(old) = replaced.filter(|old| old.owner != owner) {
+            if let Some(mut keys) = self.owners.get_mut(&old.owner) {
+                keys.remove(&key);
             }
-            // The key changed owner between the read and the lock: look again.
         }
     }
 
-    /// The owner died: every entry it owns leaves the registry. Returns how many left.
+    /// Removes `key`; returns whether it was there.
+    pub fn unregister<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        loop {
+            let Some(owner) = self.entries.get(key).map(|e| e.owner) else {
+                return false;
+            };
+            let removed = match self.owners.get_mut(&owner) {
+                Some(mut keys) => {
+                    let removed = self
+                        .entries
+                        .remove_if(key, |_, e| e.owner == owner)
+                        .is_some();
+                    if removed {
+                        keys.remove(key);
+                    }
+                    removed
+                }
+                None => self
+                    .entries
+                    .remove_if(key, |_, e| e.owner == owner)
+                    .is_some(),
+            };
+            if removed {
+                return true;
+            }
+            // The key changed owner between the read and the removal: look again.
+        }
+    }
+
+    /// The owner died: its entries leave. Returns how many.
     pub fn owner_down(&self, owner: &O) -> usize {
-        let Some((_, record)) = self.owners.remove(owner) else {
+        let Some((_, keys)) = self.owners.remove(owner) else {
             return 0;
         };
-        record
-            .keys
+        keys.into_vec()
             .iter()
             .filter(|key| {
                 self.entries
-                    .remove_if(*key, |_, entry| entry.owner == *owner)
+                    .remove_if(*key, |_, e| e.owner == *owner)
                     .is_some()
             })
             .count()
     }
 
-    /// Removes every entry whose owner `is_alive` says is dead. Returns the removed keys and
-    /// the monitors to cancel.
-    pub fn remove_dead(&self, is_alive: impl Fn(&O) -> bool) -> (Vec<K>, Vec<M>) {
-        let dead: Vec<(K, O)> = self
+    /// Removes the entries whose owner was already dead when they registered.
+    pub fn remove_dead(&self) -> Vec<K> {
+        let dead: Vec<K> = self
             .entries
             .iter()
-            .filter(|e| !is_alive(&e.owner))
-            .map(|e| (e.key().clone(), e.owner))
+            .filter(|e| !e.alive)
+            .map(|e| e.key().clone())
             .collect();
-        let mut removed = Vec::with_capacity(dead.len());
-        let mut cancel = Vec::new();
-        for (key, owner) in dead {
-            if let Some(monitor) = self.remove_owned(&key, owner) {
-                cancel.extend(monitor);
-                removed.push(key);
-            }
-        }
-        (removed, cancel)
+        dead.into_iter()
+            .filter(|key| self.entries.remove_if(key, |_, e| !e.alive).is_some())
+            .collect()
     }
 
-    pub fn get(&self, key: &K) -> Option<WorkerEntry<O>> {
+    pub fn get<Q>(&self, key: &Q) -> Option<WorkerEntry<O>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.entries.get(key).map(|e| e.value().clone())
     }
 
@@ -159,23 +215,24 @@ where
     }
 
     /// Entries whose owner is dead.
-    pub fn dead(&self, is_alive: impl Fn(&O) -> bool) -> Vec<(K, WorkerEntry<O>)> {
-        self.select(|e| !is_alive(&e.owner))
+    pub fn dead(&self) -> Vec<(K, WorkerEntry<O>)> {
+        self.select(|e| !e.alive)
     }
 
     /// Python processes of entries whose owner is alive (entries without one are skipped).
-    pub fn active_python(&self, is_alive: impl Fn(&O) -> bool) -> Vec<ProcessIdentity> {
+    pub fn active_python(&self) -> Vec<ProcessIdentity> {
         self.entries
             .iter()
-            .filter_map(|e| e.python.filter(|_| is_alive(&e.owner)))
+            .filter(|e| e.alive)
+            .filter_map(|e| e.python)
             .collect()
     }
 
-    pub fn stats(&self, is_alive: impl Fn(&O) -> bool) -> RegistryStats {
+    pub fn stats(&self) -> RegistryStats {
         let mut stats = RegistryStats::default();
         for e in self.entries.iter() {
             stats.total_registered += 1;
-            if is_alive(&e.owner) {
+            if e.alive {
                 stats.alive_workers += 1;
                 stats.active_python_pids += usize::from(e.python.is_some());
             } else {
@@ -193,7 +250,7 @@ where
         self.entries.is_empty()
     }
 
-    /// How many owners are being watched (for tests and memory accounting).
+    /// How many owners are being watched.
     pub fn watched_owners(&self) -> usize {
         self.owners.len()
     }
@@ -205,43 +262,6 @@ where
             .map(|e| (e.key().clone(), e.value().clone()))
             .collect()
     }
-
-    /// Removes `key` if `owner` still owns it, under the owner's lock. `None` when the key
-    /// is gone or owned by someone else; otherwise the monitor to cancel, if any.
-    fn remove_owned(&self, key: &K, owner: O) -> Option<Option<M>> {
-        match self.owners.entry(owner) {
-            Entry::Occupied(mut record) => {
-                self.entries
-                    .remove_if(key, |_, entry| entry.owner == owner)?;
-                let keys = &mut record.get_mut().keys;
-                keys.retain(|k| k != key);
-                if keys.is_empty() {
-                    Some(record.remove().monitor)
-                } else {
-                    Some(None)
-                }
-            }
-            Entry::Vacant(_) => self
-                .entries
-                .remove_if(key, |_, entry| entry.owner == owner)
-                .map(|_| None),
-        }
-    }
-
-    /// `key` moved away from `owner`: drop it from the owner's keys.
-    fn forget_key(&self, owner: &O, key: &K) -> Option<M> {
-        match self.owners.entry(*owner) {
-            Entry::Occupied(mut record) => {
-                record.get_mut().keys.retain(|k| k != key);
-                if record.get().keys.is_empty() {
-                    record.remove().monitor
-                } else {
-                    None
-                }
-            }
-            Entry::Vacant(_) => None,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -252,7 +272,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
 
-    type Reg = Registry<String, u32, u32>;
+    type Reg = Registry<String, u32>;
 
     fn entry(owner: u32, pid: Option<i64>) -> WorkerEntry<u32> {
         WorkerEntry {
@@ -263,36 +283,37 @@ mod tests {
             }),
             fingerprint: format!("fp_{owner}").into(),
             registered_at: 1,
+            alive: false,
         }
     }
 
     #[test]
-    fn one_monitor_per_owner_cancelled_with_its_last_key() {
+    fn one_monitor_per_owner_for_its_whole_life() {
         let reg = Reg::new();
         let calls = AtomicU32::new(0);
-        let monitor = |o: &u32| {
+        let monitor = |_: &u32| {
             calls.fetch_add(1, Ordering::SeqCst);
-            Some(*o + 1000)
+            true
         };
-        assert_eq!(reg.register("a".into(), entry(1, Some(10)), monitor), None);
-        assert_eq!(reg.register("b".into(), entry(1, None), monitor), None);
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        reg.register("a".into(), entry(1, Some(10)), monitor);
+        reg.register("b".into(), entry(1, None), monitor);
+        assert!(reg.unregister("a"));
+        assert!(reg.unregister("b"));
+        assert!(!reg.unregister("b"));
+        reg.register("c".into(), entry(1, None), monitor);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the owner is watched once");
         assert_eq!(reg.watched_owners(), 1);
-
-        assert_eq!(reg.unregister(&"a".to_string()), (true, None));
-        assert_eq!(reg.unregister(&"b".to_string()), (true, Some(1001)));
-        assert_eq!(reg.unregister(&"b".to_string()), (false, None));
-        assert_eq!(reg.watched_owners(), 0);
+        assert_eq!(reg.owner_down(&1), 1);
         assert!(reg.is_empty());
+        assert_eq!(reg.watched_owners(), 0);
     }
 
     #[test]
     fn reregistering_moves_a_key_to_its_new_owner() {
         let reg = Reg::new();
-        reg.register("w".into(), entry(1, Some(10)), |o| Some(*o));
-        let cancel = reg.register("w".into(), entry(2, Some(20)), |o| Some(*o));
-        assert_eq!(cancel, Some(1), "owner 1 owns nothing any more");
-        assert_eq!(reg.get(&"w".to_string()).unwrap().owner, 2);
+        reg.register("w".into(), entry(1, Some(10)), |_| true);
+        reg.register("w".into(), entry(2, Some(20)), |_| true);
+        assert_eq!(reg.get("w").unwrap().owner, 2);
         assert_eq!(
             reg.owner_down(&1),
             0,
@@ -301,14 +322,13 @@ mod tests {
         assert_eq!(reg.len(), 1);
         assert_eq!(reg.owner_down(&2), 1);
         assert!(reg.is_empty());
-        assert_eq!(reg.watched_owners(), 0);
     }
 
     #[test]
     fn owner_down_removes_all_its_entries_only() {
         let reg = Reg::new();
         for (k, o) in [("a", 1), ("b", 1), ("c", 2)] {
-            reg.register(k.into(), entry(o, None), |o| Some(*o));
+            reg.register(k.into(), entry(o, None), |_| true);
         }
         assert_eq!(reg.owner_down(&1), 2);
         let left: Vec<String> = reg.entries().into_iter().map(|(k, _)| k).collect();
@@ -316,16 +336,14 @@ mod tests {
     }
 
     #[test]
-    fn dead_owners_are_reported_and_swept() {
+    fn owners_dead_at_registration_are_reported_and_swept() {
         let reg = Reg::new();
-        reg.register("live".into(), entry(1, Some(10)), |o| Some(*o));
-        reg.register("dead".into(), entry(2, Some(20)), |_| None);
-        reg.register("nopid".into(), entry(1, None), |o| Some(*o));
-        let alive = |o: &u32| *o == 1;
+        reg.register("live".into(), entry(1, Some(10)), |_| true);
+        reg.register("dead".into(), entry(2, Some(20)), |_| false);
+        reg.register("nopid".into(), entry(1, None), |_| true);
 
-        let stats = reg.stats(alive);
         assert_eq!(
-            stats,
+            reg.stats(),
             RegistryStats {
                 total_registered: 3,
                 alive_workers: 2,
@@ -333,42 +351,44 @@ mod tests {
                 active_python_pids: 1
             }
         );
-        let active = reg.active_python(alive);
+        let active = reg.active_python();
         assert_eq!(active.len(), 1);
         assert_eq!(active[0].pid.as_raw(), 10);
-        assert_eq!(reg.dead(alive).len(), 1);
+        assert_eq!(reg.dead().len(), 1);
         assert_eq!(reg.by_fingerprint("fp_1").len(), 2);
 
-        let (removed, cancel) = reg.remove_dead(alive);
-        assert_eq!(removed, vec!["dead".to_string()]);
-        assert!(cancel.is_empty(), "owner 2 never got a monitor");
+        assert_eq!(reg.remove_dead(), vec!["dead".to_string()]);
         assert_eq!(reg.len(), 2);
-        assert_eq!(reg.watched_owners(), 1);
+        assert_eq!(reg.watched_owners(), 1, "the dead owner was never watched");
     }
 
     #[test]
-    fn concurrent_register_unregister_stays_consistent() {
+    fn concurrent_register_unregister_and_deaths_stay_consistent() {
         let reg = Arc::new(Reg::new());
-        let monitors = Arc::new(Mutex::new(HashSet::new()));
+        let monitored = Arc::new(Mutex::new(HashSet::new()));
         let threads: Vec<_> = (0..8u32)
             .map(|t| {
                 let reg = Arc::clone(&reg);
-                let monitors = Arc::clone(&monitors);
+                let monitored = Arc::clone(&monitored);
                 std::thread::spawn(move || {
                     for i in 0..2000u32 {
                         let key = format!("{t}-{}", i % 50);
-                        if i % 3 == 2 {
-                            if let (_, Some(m)) = reg.unregister(&key) {
-                                assert!(monitors.lock().unwrap().remove(&m));
+                        let owner = t * 10 + i % 4;
+                        match i % 7 {
+                            0 | 3 => {
+                                reg.unregister(key.as_str());
                             }
-                        } else {
-                            let owner = t * 10 + i % 4;
-                            let m = &monitors;
-                            if let Some(old) = reg.register(key, entry(owner, None), |o| {
-                                assert!(m.lock().unwrap().insert(*o));
-                                Some(*o)
-                            }) {
-                                assert!(monitors.lock().unwrap().remove(&old));
+                            6 => {
+                                // The owner dies: its record and entries go together.
+                                reg.owner_down(&owner);
+                                monitored.lock().unwrap().remove(&owner);
+                            }
+                            _ => {
+                                let m = &monitored;
+                                reg.register(key, entry(owner, None), |o| {
+                                    assert!(m.lock().unwrap().insert(*o), "watched twice");
+                                    true
+                                });
                             }
                         }
                     }
@@ -378,9 +398,11 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        // Every live monitor belongs to an owner that still owns something, and back.
+        // Every entry's owner is watched; every watched owner has a record.
         let owners: HashSet<u32> = reg.entries().iter().map(|(_, e)| e.owner).collect();
-        assert_eq!(owners, *monitors.lock().unwrap());
-        assert_eq!(reg.watched_owners(), owners.len());
+        let watched = monitored.lock().unwrap().clone();
+        assert!(owners.is_subset(&watched), "{owners:?} not in {watched:?}");
+        assert_eq!(reg.watched_owners(), watched.len());
+        assert!(reg.entries().iter().all(|(_, e)| e.alive));
     }
 }

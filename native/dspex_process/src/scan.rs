@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::identity::Pid;
 use crate::markers::Markers;
-use crate::proc_facts::ProcessFacts;
+use crate::proc_facts::{all_pids, ProcessFacts, Stat};
 use std::io::Read;
 
 /// The default pattern: the DSPex bridge script.
@@ -133,8 +133,8 @@ pub fn caller_and_ancestors() -> Vec<i32> {
     let mut next = nix::unistd::getppid().as_raw();
     while next > 1 && !chain.contains(&next) && chain.len() < 256 {
         chain.push(next);
-        next = match Pid::new(i64::from(next)).and_then(ProcessFacts::read) {
-            Ok(f) => f.ppid,
+        next = match Stat::read(next) {
+            Ok(stat) => stat.ppid,
             Err(_) => break,
         };
     }
@@ -143,35 +143,62 @@ pub fn caller_and_ancestors() -> Vec<i32> {
 
 /// Every live process whose argv matches `pattern`. Processes that vanish while being
 /// read are skipped; so are kernel threads and processes still inside `exec` (empty argv).
+/// The caller and its ancestors are never candidates, even when their argv holds the
+/// pattern (`dspex-proc find --pattern x.py`, a script that passes it on).
+///
+/// Reading every `/proc/PID/cmdline` is the whole cost of a scan, so the pids are split
+/// across the machine's cores.
 pub fn scan(pattern: &Pattern) -> Vec<Candidate> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    // The caller and its ancestors are never candidates, even when their argv holds the
-    // pattern (`dspex-proc find --pattern x.py`, a script that passes it on).
     let caller = caller_and_ancestors();
-    let mut buf = Vec::with_capacity(4096);
+    let pids: Vec<i32> = all_pids()
+        .into_iter()
+        .filter(|pid| *pid > 1 && !caller.contains(pid))
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if threads == 1 || pids.len() < 256 {
+        return scan_pids(&pids, pattern);
+    }
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = pids
+            .chunks(pids.len().div_ceil(threads))
+            .map(|chunk| scope.spawn(move || scan_pids(chunk, pattern)))
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+fn scan_pids(pids: &[i32], pattern: &Pattern) -> Vec<Candidate> {
+    let mut buf = vec![0u8; 8192];
     let mut found = Vec::new();
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i64>().ok())
-            .and_then(|n| Pid::new(n).ok())
-        else {
+    for &raw in pids {
+        let Ok(mut file) = std::fs::File::open(format!("/proc/{raw}/cmdline")) else {
             continue;
         };
-        if caller.contains(&pid.as_raw()) {
-            continue;
-        }
-        buf.clear();
-        let Ok(mut file) = std::fs::File::open(format!("/proc/{pid}/cmdline")) else {
+        // One read returns the whole argv unless it is longer than the buffer.
+        let Ok(mut len) = file.read(&mut buf) else {
             continue;
         };
-        if file.read_to_end(&mut buf).is_err() || !pattern.matches_cmdline(&buf) {
+        let mut long = Vec::new();
+        let cmdline = if len == buf.len() {
+            long.extend_from_slice(&buf);
+            if file.read_to_end(&mut long).is_err() {
+                continue;
+            }
+            len = long.len();
+            &long[..len]
+        } else {
+            &buf[..len]
+        };
+        if !pattern.matches_cmdline(cmdline) {
             continue;
         }
-        if let Some(candidate) = Candidate::read(pid, pattern) {
+        if let Some(candidate) = Pid::new(i64::from(raw))
+            .ok()
+            .and_then(|pid| Candidate::read(pid, pattern))
+        {
             found.push(candidate);
         }
     }

@@ -11,7 +11,9 @@
 //! Total time is about `grace` whatever the number of targets.
 
 use crate::identity::{Pid, ProcessIdentity};
+#[cfg(test)]
 use crate::proc_facts::ProcessFacts;
+use crate::proc_facts::{all_pids, read_uid, Stat};
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -101,14 +103,19 @@ impl Caller {
         }
     }
 
-    /// Whether `facts` may be signalled at all by this caller.
-    fn may_signal(&self, facts: &ProcessFacts, options: &TerminateOptions) -> bool {
-        let pid = facts.pid.as_raw();
+    /// Whether a process may be signalled at all by this caller.
+    fn may_signal(&self, pid: i32, seen: &Seen, options: &TerminateOptions) -> bool {
         pid != self.pid
             && !self.ancestors.contains(&pid)
-            && facts.pgid != self.pgid
-            && (facts.uid == self.euid || options.allow_other_users)
+            && seen.pgid != self.pgid
+            && (seen.uid == self.euid || options.allow_other_users)
     }
+}
+
+/// What pinning saw of a process, for the refusals.
+struct Seen {
+    pgid: i32,
+    uid: u32,
 }
 
 /// A process we hold on to: by pidfd, or by identity alone where pidfds are unavailable.
@@ -120,22 +127,30 @@ struct Pinned {
 
 impl Pinned {
     /// Pins `identity`: `Err(AlreadyGone)` when the pid is gone or is someone else now.
-    fn pin(identity: ProcessIdentity) -> Result<(Pinned, ProcessFacts), Outcome> {
+    fn pin(identity: ProcessIdentity) -> Result<(Pinned, Seen), Outcome> {
+        let raw = identity.pid.as_raw();
         let pidfd = pidfd_open(identity.pid);
         if matches!(pidfd, Err(libc::ESRCH)) {
             return Err(Outcome::AlreadyGone);
         }
         // Read after the pidfd is open: if the start time still matches, the pidfd names it.
-        let facts = ProcessFacts::read(identity.pid).map_err(|_| Outcome::AlreadyGone)?;
-        if facts.start_time != identity.start_time || facts.state.has_exited() {
+        let stat = Stat::read(raw).map_err(|_| Outcome::AlreadyGone)?;
+        if stat.start_time != identity.start_time || stat.state.has_exited() {
             return Err(Outcome::AlreadyGone);
         }
+        let uid = read_uid(raw).map_err(|_| Outcome::AlreadyGone)?;
         let pinned = Pinned {
             identity,
             pidfd: pidfd.ok(),
             exited: false,
         };
-        Ok((pinned, facts))
+        Ok((
+            pinned,
+            Seen {
+                pgid: stat.pgid,
+                uid,
+            },
+        ))
     }
 
     /// Sends `signal` to the process, or to its process group. `Ok(false)` when it has
@@ -175,8 +190,8 @@ impl Pinned {
         match &self.pidfd {
             Some(fd) => !poll_exited(&[fd.as_raw_fd()], 0)[0],
             None => matches!(
-                ProcessFacts::read(self.identity.pid),
-                Ok(f) if f.start_time == self.identity.start_time && !f.state.has_exited()
+                Stat::read(self.identity.pid.as_raw()),
+                Ok(s) if s.start_time == self.identity.start_time && !s.state.has_exited()
             ),
         }
     }
@@ -339,22 +354,22 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
             outcomes[i] = Some(Outcome::AlreadyGone);
             continue;
         }
-        let (leader, facts) = match Pinned::pin(*target) {
+        let (leader, seen) = match Pinned::pin(*target) {
             Ok(pinned) => pinned,
             Err(outcome) => {
                 outcomes[i] = Some(outcome);
                 continue;
             }
         };
-        if facts.pgid == caller.pgid {
+        if seen.pgid == caller.pgid {
             outcomes[i] = Some(Outcome::Refused(Refusal::OwnProcessGroup));
             continue;
         }
-        if facts.uid != caller.euid && !options.allow_other_users {
+        if seen.uid != caller.euid && !options.allow_other_users {
             outcomes[i] = Some(Outcome::Refused(Refusal::OtherUser));
             continue;
         }
-        let group = options.kill_group && facts.pgid == pid;
+        let group = options.kill_group && seen.pgid == pid;
         jobs.push((
             i,
             Job {
@@ -445,37 +460,35 @@ fn pin_group_members(jobs: &mut [(usize, Job)], caller: &Caller, options: &Termi
     if groups.is_empty() {
         return;
     }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i64>().ok())
-            .and_then(|n| Pid::new(n).ok())
-        else {
+    for pid in all_pids() {
+        let Ok(stat) = Stat::read(pid) else {
             continue;
         };
-        let Ok(facts) = ProcessFacts::read(pid) else {
+        let Some(&j) = groups.get(&stat.pgid) else {
             continue;
         };
-        let Some(&j) = groups.get(&facts.pgid) else {
-            continue;
-        };
-        let leader = jobs[j].1.leader.identity.pid;
-        if pid == leader {
+        if pid == jobs[j].1.leader.identity.pid.as_raw() {
             continue;
         }
-        if !caller.may_signal(&facts, options) {
+        let Ok(uid) = read_uid(pid) else {
+            continue;
+        };
+        let seen = Seen {
+            pgid: stat.pgid,
+            uid,
+        };
+        if !caller.may_signal(pid, &seen, options) {
             // Someone in this group is not ours to signal: no group signal, members one
             // by one.
             jobs[j].1.group = false;
             continue;
         }
+        let Ok(pid) = Pid::new(i64::from(pid)) else {
+            continue;
+        };
         let identity = ProcessIdentity {
             pid,
-            start_time: facts.start_time,
+            start_time: stat.start_time,
         };
         if let Ok((member, _)) = Pinned::pin(identity) {
             jobs[j].1.members.push(member);

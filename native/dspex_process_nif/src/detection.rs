@@ -7,7 +7,7 @@ use dspex_process::classify::{self, Class, Viewpoint};
 use dspex_process::markers::own_pid_namespace;
 use dspex_process::scan::{MarkerRead, Pattern};
 use dspex_process::terminate::{self, Outcome, TerminateOptions};
-use dspex_process::{Pid, ProcessFacts, ProcessIdentity};
+use dspex_process::{Pid, ProcessIdentity, Stat};
 use rustler::{Atom, Binary, Encoder, Env, NifMap, OwnedEnv, ResourceArc, Term};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -62,7 +62,7 @@ fn detect<'a>(
     };
     let registered: HashMap<Pid, u64> = registries
         .iter()
-        .flat_map(|r| r.live_python(env))
+        .flat_map(|r| r.live_python())
         .map(|id| (id.pid, id.start_time))
         .collect();
     let view = Viewpoint {
@@ -180,23 +180,16 @@ fn beam_identity() -> Option<(i32, u64, Option<u64>)> {
 /// was recycled before it could be read.
 #[rustler::nif]
 fn is_port_child(pid: i64) -> bool {
-    let Some(beam) = this_beam() else {
+    let (Some(beam), Ok(pid)) = (this_beam(), i32::try_from(pid)) else {
         return false;
     };
-    let parent = |pid: i32| {
-        Pid::from_kernel(pid)
-            .and_then(|p| ProcessFacts::read(p).ok())
-            .map(|f| (f.ppid, f.comm))
-    };
-    let Ok(pid) = i32::try_from(pid) else {
+    let Ok(child) = Stat::read(pid) else {
         return false;
     };
-    match parent(pid).and_then(|(ppid, _)| parent(ppid)) {
-        Some((helper_parent, helper_comm)) => {
-            helper_comm == "erl_child_setup" && helper_parent == beam.pid.as_raw()
-        }
-        None => false,
-    }
+    matches!(
+        Stat::read(child.ppid),
+        Ok(helper) if helper.comm == "erl_child_setup" && helper.ppid == beam.pid.as_raw()
+    )
 }
 
 #[derive(NifMap)]

@@ -4,6 +4,7 @@
 use dspex_process::{Pid, ProcessIdentity, Registry, RegistryStats, WorkerEntry};
 use rustler::{Atom, Encoder, Env, LocalPid, Monitor, NifMap, ResourceArc, Term};
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod atoms {
@@ -11,20 +12,19 @@ mod atoms {
 }
 
 /// Worker ids are arbitrary terms, kept as their external term format so they can be
-/// hashed and compared without an env.
-type WorkerKey = Box<[u8]>;
+/// hashed and compared without an env; shared between the entry and its owner's record.
+type WorkerKey = Arc<[u8]>;
 
 pub struct RegistryResource {
     // The registry never leaves its maps half-updated on a panic (dashmap locks do not
     // poison and our closures do not panic), so crossing rustler's catch_unwind is sound.
-    registry: AssertUnwindSafe<Registry<WorkerKey, LocalPid, Monitor>>,
+    registry: AssertUnwindSafe<Registry<WorkerKey, LocalPid>>,
 }
 
 impl RegistryResource {
     /// Python processes of workers whose Elixir process is alive.
-    pub(crate) fn live_python(&self, env: Env) -> Vec<ProcessIdentity> {
-        self.registry
-            .active_python(|pid| env.is_process_alive(*pid))
+    pub(crate) fn live_python(&self) -> Vec<ProcessIdentity> {
+        self.registry.active_python()
     }
 }
 
@@ -76,8 +76,9 @@ fn info(entry: WorkerEntry<LocalPid>) -> WorkerInfo {
     }
 }
 
-fn key(term: Term) -> WorkerKey {
-    term.to_binary().as_slice().into()
+/// The key bytes of a worker id. Lookups borrow them; only insertion keeps a copy.
+fn key(term: Term) -> rustler::OwnedBinary {
+    term.to_binary()
 }
 
 fn key_term<'a>(env: Env<'a>, key: &[u8]) -> Term<'a> {
@@ -130,21 +131,18 @@ fn registry_register<'a>(
         python,
         fingerprint: fingerprint.into(),
         registered_at: unix_seconds(),
+        alive: false,
     };
-    let cancel = resource
+    let key: WorkerKey = key(worker_id).as_slice().into();
+    resource
         .registry
-        .register(key(worker_id), entry, |pid| env.monitor(&resource, pid));
-    if let Some(monitor) = cancel {
-        env.demonitor(&resource, &monitor);
-    }
+        .register(key, entry, |pid| env.monitor(&resource, pid).is_some());
     atoms::ok().encode(env)
 }
 
 #[rustler::nif]
-fn registry_unregister(env: Env, resource: ResourceArc<RegistryResource>, worker_id: Term) -> Atom {
-    if let (_, Some(monitor)) = resource.registry.unregister(&key(worker_id)) {
-        env.demonitor(&resource, &monitor);
-    }
+fn registry_unregister(resource: ResourceArc<RegistryResource>, worker_id: Term) -> Atom {
+    resource.registry.unregister(key(worker_id).as_slice());
     atoms::ok()
 }
 
@@ -155,7 +153,7 @@ fn registry_get(
 ) -> Result<WorkerInfo, Atom> {
     resource
         .registry
-        .get(&key(worker_id))
+        .get(key(worker_id).as_slice())
         .map(info)
         .ok_or_else(atoms::not_found)
 }
@@ -175,9 +173,9 @@ fn registry_by_fingerprint<'a>(
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
-fn registry_active_python_pids(env: Env, resource: ResourceArc<RegistryResource>) -> Vec<i32> {
+fn registry_active_python_pids(resource: ResourceArc<RegistryResource>) -> Vec<i32> {
     resource
-        .live_python(env)
+        .live_python()
         .into_iter()
         .map(|id| id.pid.as_raw())
         .collect()
@@ -188,27 +186,20 @@ fn registry_dead_workers(
     env: Env,
     resource: ResourceArc<RegistryResource>,
 ) -> Vec<(Term, WorkerInfo)> {
-    with_ids(
-        env,
-        resource.registry.dead(|pid| env.is_process_alive(*pid)),
-    )
+    with_ids(env, resource.registry.dead())
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registry_remove_dead(env: Env, resource: ResourceArc<RegistryResource>) -> Vec<Term> {
-    let (removed, cancel) = resource
+    resource
         .registry
-        .remove_dead(|pid| env.is_process_alive(*pid));
-    for monitor in cancel {
-        env.demonitor(&resource, &monitor);
-    }
-    removed.iter().map(|k| key_term(env, k)).collect()
+        .remove_dead()
+        .iter()
+        .map(|k| key_term(env, k))
+        .collect()
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
-fn registry_stats(env: Env, resource: ResourceArc<RegistryResource>) -> Stats {
-    resource
-        .registry
-        .stats(|pid| env.is_process_alive(*pid))
-        .into()
+fn registry_stats(resource: ResourceArc<RegistryResource>) -> Stats {
+    resource.registry.stats().into()
 }
