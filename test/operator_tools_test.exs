@@ -7,7 +7,7 @@ defmodule DSPex.Python.OperatorToolsTest do
   import ExUnit.CaptureLog
   import DSPex.Test.OSProcess
 
-  alias DSPex.Python.{Native, OrphanDetector, Worker}
+  alias DSPex.Python.{OrphanDetector, Worker}
   alias DSPex.Test.PeerBeam
 
   @moduletag timeout: 180_000

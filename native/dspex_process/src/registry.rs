@@ -2,6 +2,7 @@ use crate::identity::ProcessIdentity;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::borrow::Borrow;
+use std::collections::HashSet;
 use std::hash::Hash;
 
 /// One registered worker.
@@ -28,24 +29,23 @@ pub struct RegistryStats {
     pub active_python_pids: usize,
 }
 
-/// The keys one owner has registered: almost always exactly one, kept without a `Vec`.
+/// The keys one owner has registered: almost always exactly one, kept without a
+/// collection; a set for the owner (a pool manager, say) that registers many.
 #[derive(Debug)]
 enum Keys<K> {
     None,
     One(K),
-    Many(Vec<K>),
+    Many(HashSet<K>),
 }
 
-impl<K: PartialEq> Keys<K> {
+impl<K: Eq + Hash> Keys<K> {
     fn add(&mut self, key: K) {
         match std::mem::replace(self, Keys::None) {
             Keys::None => *self = Keys::One(key),
             Keys::One(k) if k == key => *self = Keys::One(k),
-            Keys::One(k) => *self = Keys::Many(vec![k, key]),
+            Keys::One(k) => *self = Keys::Many(HashSet::from([k, key])),
             Keys::Many(mut ks) => {
-                if !ks.contains(&key) {
-                    ks.push(key);
-                }
+                ks.insert(key);
                 *self = Keys::Many(ks);
             }
         }
@@ -54,11 +54,13 @@ impl<K: PartialEq> Keys<K> {
     fn remove<Q>(&mut self, key: &Q)
     where
         K: Borrow<Q>,
-        Q: PartialEq + ?Sized,
+        Q: Hash + Eq + ?Sized,
     {
         match self {
             Keys::One(k) if (*k).borrow() == key => *self = Keys::None,
-            Keys::Many(ks) => ks.retain(|k| k.borrow() != key),
+            Keys::Many(ks) => {
+                ks.remove(key);
+            }
             _ => {}
         }
     }
@@ -67,7 +69,7 @@ impl<K: PartialEq> Keys<K> {
         match self {
             Keys::None => Vec::new(),
             Keys::One(k) => vec![k],
-            Keys::Many(ks) => ks,
+            Keys::Many(ks) => ks.into_iter().collect(),
         }
     }
 }
@@ -306,6 +308,20 @@ mod tests {
         assert_eq!(reg.owner_down(&1), 1);
         assert!(reg.is_empty());
         assert_eq!(reg.watched_owners(), 0);
+    }
+
+    #[test]
+    fn one_owner_with_many_workers() {
+        let reg = Reg::new();
+        for i in 0..20_000 {
+            reg.register(format!("w{i}"), entry(1, None), |_| true);
+        }
+        assert_eq!(reg.len(), 20_000);
+        for i in 0..10_000 {
+            assert!(reg.unregister(format!("w{i}").as_str()));
+        }
+        assert_eq!(reg.owner_down(&1), 10_000);
+        assert!(reg.is_empty());
     }
 
     #[test]

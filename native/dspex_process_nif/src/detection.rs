@@ -130,6 +130,7 @@ fn terminate_start(
         allow_other_users,
     };
     std::thread::spawn(move || {
+        dspex_process::lower_thread_priority();
         // Invalid pids (<= 1, > i32::MAX) are answered without reaching the terminator.
         let parsed: Vec<Option<ProcessIdentity>> = targets
             .iter()
