@@ -42,38 +42,16 @@ defmodule Bench do
     |> Kernel.*(1024)
   end
 
-  # A Python process that forks `n` children, prints their pids and then either waits
-  # (children die with it: PR_SET_PDEATHSIG) or exits, leaving them as real orphans that
-  # lead their own session, half of them ignoring SIGTERM. `marker` is in every argv.
-  @factory ~S"""
-  import ctypes, os, signal, sys, time
-  n, mode, marker = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-  libc = ctypes.CDLL(None)
-  pids = []
-  for i in range(n):
-      pid = os.fork()
-      if pid == 0:
-          if mode == "orphans":
-              os.setsid()
-              if i % 2 == 1:
-                  signal.signal(signal.SIGTERM, signal.SIG_IGN)
-          else:
-              libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-          while True:
-              signal.pause()
-      pids.append(pid)
-  print(" ".join(map(str, pids)), flush=True)
-  if mode == "orphans":
-      os._exit(0)
-  sys.stdin.read()
-  """
+  # test/support/orphan_factory.py: forks `n` processes whose argv holds `marker`; "orphans"
+  # leaves them re-parented (odd ones ignore SIGTERM), "background" keeps them tied to it.
+  @factory Path.expand("../test/support/orphan_factory.py", __DIR__)
 
   def spawn_processes(n, mode, marker) do
     port =
       Port.open({:spawn_executable, python()}, [
         :binary,
         {:line, 10_000_000},
-        args: ["-c", @factory, Integer.to_string(n), mode, marker]
+        args: [@factory, Integer.to_string(n), mode, marker]
       ])
 
     pids =

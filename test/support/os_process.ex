@@ -109,9 +109,11 @@ defmodule DSPex.Test.OSProcess do
   def kill_leftovers(pattern) do
     leftovers = DSPex.Python.OrphanDetector.classify_processes(pattern: pattern)
 
+    # The pattern is unique to the test, so another user's match is the test's own too.
     DSPex.Python.Termination.run(Enum.map(leftovers, &{&1.pid, &1.start_time}),
       grace_ms: 0,
-      kill_wait_ms: 1_000
+      kill_wait_ms: 1_000,
+      allow_other_users: true
     )
   end
 
@@ -164,6 +166,34 @@ defmodule DSPex.Test.OSProcess do
         {:ok, cmd} <- [File.read("/proc/#{pid}/cmdline")],
         arg in String.split(cmd, <<0>>),
         do: String.to_integer(pid)
+  end
+
+  @factory Path.expand("orphan_factory.py", __DIR__)
+
+  @doc """
+  `n` real orphans whose argv holds `marker`: forked by a Python factory that then exits,
+  so they are re-parented; each leads its own session and odd ones ignore SIGTERM.
+  Returns `[{os_pid, start_time}]` once every one is re-parented.
+  """
+  def make_orphans(n, marker) do
+    {out, 0} = System.cmd(python(), [@factory, Integer.to_string(n), "orphans", marker])
+    pids = out |> String.split() |> Enum.map(&String.to_integer/1)
+    # The factory has exited; wait until the kernel has re-parented every child.
+    reparented? = fn p ->
+      case File.read("/proc/#{ppid(p)}/cmdline") do
+        {:ok, cmd} -> not String.contains?(cmd, "orphan_factory.py")
+        _ -> false
+      end
+    end
+
+    true = eventually(fn -> Enum.all?(pids, reparented?) end, 10_000)
+
+    Enum.map(pids, &{&1, start_time(&1)})
+  end
+
+  defp ppid(pid) do
+    [_, rest] = Regex.run(~r/\)([^)]*)$/s, File.read!("/proc/#{pid}/stat"))
+    rest |> String.split() |> Enum.at(1) |> String.to_integer()
   end
 
   @doc "A unique registry name for one test."
