@@ -7,17 +7,25 @@ defmodule DSPexProcess.Application do
     * `:start_registry` - start the default registry (default `true`). Set it to `false`
       to put `DSPex.Python.ProcessRegistry` in your own supervision tree instead.
     * `:registry` - options for the default registry (see `DSPex.Python.ProcessRegistry`).
+    * `:orphan_monitor` - options for a `DSPex.Python.OrphanMonitor` to start (periodic
+      detection, optionally cleanup). Not started unless set.
   """
   use Application
 
   @impl true
   def start(_type, _args) do
-    children =
-      if Application.get_env(:dspex_process, :start_registry, true) do
-        [{DSPex.Python.ProcessRegistry, Application.get_env(:dspex_process, :registry, [])}]
-      else
-        []
+    registry =
+      if Application.get_env(:dspex_process, :start_registry, true),
+        do: [{DSPex.Python.ProcessRegistry, Application.get_env(:dspex_process, :registry, [])}],
+        else: []
+
+    monitor =
+      case Application.get_env(:dspex_process, :orphan_monitor) do
+        nil -> []
+        opts -> [{DSPex.Python.OrphanMonitor, opts}]
       end
+
+    children = registry ++ monitor
 
     Supervisor.start_link(children, strategy: :one_for_one, name: DSPexProcess.Supervisor)
   end

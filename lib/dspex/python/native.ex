@@ -75,6 +75,7 @@ defmodule DSPex.Python.Native do
 
   def beam_identity, do: not_loaded()
   def is_port_child(_os_pid), do: not_loaded()
+  def process_metrics(_targets), do: not_loaded()
   def capabilities, do: not_loaded()
   def process_start_time(_pid), do: not_loaded()
 end

@@ -57,11 +57,14 @@ defmodule DSPex.Python.OrphanDetector do
     * `:reasons` - act only on orphans with these reasons (`:owner_dead`, `:worker_gone`,
       `:reparented`, `:unmanaged`). Default: all.
     * `:dry_run` - report what cleanup would do, signal nothing. Default `false`.
+    * `:metrics` - `get_system_status/1` adds `:metrics`: each live registered worker's
+      `rss_bytes`, `cpu_time_ms`, `threads`, `state` and `age_ms`, with totals. Default
+      `false`.
   """
 
   require Logger
 
-  alias DSPex.Python.{Native, ProcessRegistry, Termination}
+  alias DSPex.Python.{Native, ProcessRegistry, Telemetry, Termination}
 
   @default_pattern "dspy_bridge.py"
   @reasons [:owner_dead, :worker_gone, :reparented, :unmanaged]
@@ -76,7 +79,8 @@ defmodule DSPex.Python.OrphanDetector do
     include_unmanaged: false,
     allow_other_users: false,
     reasons: @reasons,
-    dry_run: false
+    dry_run: false,
+    metrics: false
   ]
 
   @type reason :: :owner_dead | :worker_gone | :reparented | :unmanaged
@@ -195,6 +199,43 @@ defmodule DSPex.Python.OrphanDetector do
       orphan_details: orphans
     }
     |> Map.merge(class_counts(detections))
+    |> then(
+      &if(opts[:metrics], do: Map.put(&1, :metrics, worker_metrics(opts[:registry])), else: &1)
+    )
+  end
+
+  # Metrics of the registry's live workers, in one dirty pass over /proc, with totals.
+  defp worker_metrics(registry) do
+    workers =
+      try do
+        ProcessRegistry.list_all_workers(registry)
+      rescue
+        ProcessRegistry.NotRunningError -> []
+      end
+      |> Enum.filter(fn {_id, info} -> info.python_pid end)
+
+    metrics =
+      Native.process_metrics(
+        Enum.map(workers, fn {_, i} -> {i.python_pid, i.python_start_time} end)
+      )
+
+    per_worker =
+      for {{id, info}, m} <- Enum.zip(workers, metrics), m do
+        Map.merge(m, %{worker_id: id, python_pid: info.python_pid})
+      end
+
+    totals =
+      Enum.reduce(per_worker, %{workers: 0, rss_bytes: 0, cpu_time_ms: 0, threads: 0}, fn m,
+                                                                                          acc ->
+        %{
+          workers: acc.workers + 1,
+          rss_bytes: acc.rss_bytes + m.rss_bytes,
+          cpu_time_ms: acc.cpu_time_ms + m.cpu_time_ms,
+          threads: acc.threads + m.threads
+        }
+      end)
+
+    %{workers: per_worker, totals: totals}
   end
 
   @doc """
@@ -225,6 +266,44 @@ defmodule DSPex.Python.OrphanDetector do
   end
 
   @doc """
+  `get_system_status/1` of every connected node, each acting on its own host, keyed by
+  node: `%{node => {:ok, status} | {:error, reason}}`. A node that cannot be reached, or
+  fails, is reported, never raised.
+
+  Takes the detector's options (sent to every node), plus `:nodes` (default: this node
+  and `Node.list/0`) and `:timeout` in ms (default `15_000`).
+  """
+  @spec cluster_status(keyword()) :: %{node() => {:ok, map()} | {:error, term()}}
+  def cluster_status(opts \\ []), do: cluster(:get_system_status, opts)
+
+  @doc """
+  `cleanup_orphaned_processes/1` on every connected node, each on its own host, keyed by
+  node, like `cluster_status/1`.
+  """
+  @spec cluster_cleanup(keyword()) :: %{node() => {:ok, cleanup_report()} | {:error, term()}}
+  def cluster_cleanup(opts \\ []), do: cluster(:cleanup_orphaned_processes, opts)
+
+  defp cluster(fun, opts) do
+    {nodes, opts} = Keyword.pop(opts, :nodes, [node() | Node.list()])
+    {timeout, opts} = Keyword.pop(opts, :timeout, 15_000)
+
+    unless is_list(nodes) and Enum.all?(nodes, &is_atom/1), do: bad_option!(:nodes, nodes)
+    unless is_integer(timeout) and timeout > 0, do: bad_option!(:timeout, timeout)
+    # Validated here too, so that bad options fail once, loudly, not once per node.
+    validate!(opts)
+    args = if opts == [], do: [], else: [opts]
+
+    nodes
+    |> :erpc.multicall(__MODULE__, fun, args, timeout)
+    |> Enum.zip(nodes)
+    |> Map.new(fn
+      {{:ok, result}, node} -> {node, {:ok, result}}
+      {{:error, {:erpc, reason}}, node} -> {node, {:error, reason}}
+      {{class, reason}, node} -> {node, {:error, {class, reason}}}
+    end)
+  end
+
+  @doc """
   Every matching process with its class (`:active`, `:starting`, `:foreign`, `:unmanaged`,
   `:zombie`, `:orphan`), for diagnostics.
   """
@@ -241,6 +320,15 @@ defmodule DSPex.Python.OrphanDetector do
   end
 
   defp execute(targets, refused, detections, opts) do
+    started = System.monotonic_time()
+    meta = %{pattern: opts[:pattern], dry_run: opts[:dry_run]}
+
+    Telemetry.execute(
+      [:dspex_process, :cleanup, :start],
+      %{system_time: System.system_time()},
+      meta
+    )
+
     outcomes =
       cond do
         targets == [] ->
@@ -254,10 +342,10 @@ defmodule DSPex.Python.OrphanDetector do
       end
 
     details = Enum.zip(targets, outcomes) ++ refused
-    Enum.each(details, &log_outcome/1)
+    Enum.each(details, &report_outcome/1)
     counts = class_counts(detections)
 
-    %{
+    report = %{
       found: length(targets) + length(refused),
       terminated:
         Enum.count(details, &match?({_, {:ok, k}} when k in [:graceful, :force_killed], &1)),
@@ -268,7 +356,30 @@ defmodule DSPex.Python.OrphanDetector do
       details: details,
       dry_run: opts[:dry_run]
     }
+
+    measurements =
+      report
+      |> Map.take([:found, :terminated, :errors, :already_gone])
+      |> Map.put(:duration, System.monotonic_time() - started)
+
+    Telemetry.execute([:dspex_process, :cleanup, :stop], measurements, meta)
+    report
   end
+
+  defp report_outcome({entry, outcome} = detail) do
+    log_outcome(detail)
+
+    Telemetry.execute([:dspex_process, :orphan, :terminated], %{count: 1}, %{
+      pid: describe_pid(entry),
+      reason: reason_of(entry),
+      outcome: outcome
+    })
+  end
+
+  defp describe_pid(%{pid: pid}), do: pid
+  defp describe_pid(_), do: nil
+  defp reason_of(%{reason: reason}), do: reason
+  defp reason_of(_), do: nil
 
   # Identity is pid *and* start time: an entry without both is refused.
   defp vet_request(%{pid: pid, start_time: wanted_start} = entry, current, by_pid)
@@ -321,9 +432,24 @@ defmodule DSPex.Python.OrphanDetector do
     # Without any registry nothing of ours can be told apart as leaked: protect it all.
     min_age = if registries == [], do: 0xFFFFFFFFFFFF, else: opts[:min_age_ms]
 
+    started = System.monotonic_time()
+
     case Native.detect(registries, open_port_pids(), opts[:pattern], min_age) do
-      {:ok, detections} -> detections
-      {:error, reason} -> raise ArgumentError, "invalid :pattern (#{reason})"
+      {:ok, detections} ->
+        Telemetry.execute(
+          [:dspex_process, :scan],
+          %{
+            duration: System.monotonic_time() - started,
+            matched: length(detections),
+            orphans: Enum.count(detections, &(&1.class == :orphan))
+          },
+          %{pattern: opts[:pattern]}
+        )
+
+        detections
+
+      {:error, reason} ->
+        raise ArgumentError, "invalid :pattern (#{reason})"
     end
   end
 
@@ -397,7 +523,7 @@ defmodule DSPex.Python.OrphanDetector do
        do: :ok
 
   defp check_option!({key, v})
-       when key in [:kill_group, :include_unmanaged, :allow_other_users, :dry_run] and
+       when key in [:kill_group, :include_unmanaged, :allow_other_users, :dry_run, :metrics] and
               is_boolean(v),
        do: :ok
 

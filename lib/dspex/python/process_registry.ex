@@ -134,10 +134,37 @@ defmodule DSPex.Python.ProcessRegistry do
     Native.registry_unregister(resource!(registry), worker_id)
   end
 
-  @doc "The entry of one worker."
-  @spec get_worker_info(worker_id(), registry()) :: {:ok, worker_info()} | {:error, :not_found}
-  def get_worker_info(worker_id, registry \\ @default_name) do
+  @doc """
+  The entry of one worker. The second argument is the registry's name, or options:
+  `registry:` and `metrics: true`, which adds `:metrics` — the Python process's
+  `rss_bytes`, `cpu_time_ms`, `threads`, `state` and `age_ms`, read from `/proc` now
+  (`nil` when it has no live process).
+  """
+  @spec get_worker_info(worker_id(), registry() | keyword()) ::
+          {:ok, worker_info()} | {:error, :not_found}
+  def get_worker_info(worker_id, registry_or_opts \\ @default_name)
+
+  def get_worker_info(worker_id, registry) when is_atom(registry) do
     Native.registry_get(resource!(registry), worker_id)
+  end
+
+  def get_worker_info(worker_id, opts) when is_list(opts) do
+    opts = Keyword.validate!(opts, registry: @default_name, metrics: false)
+
+    with {:ok, info} <- get_worker_info(worker_id, opts[:registry]) do
+      if opts[:metrics], do: {:ok, Map.put(info, :metrics, metrics_of(info))}, else: {:ok, info}
+    end
+  end
+
+  def get_worker_info(_worker_id, other) do
+    raise ArgumentError, "expected a registry name or options, got: #{inspect(other)}"
+  end
+
+  defp metrics_of(%{python_pid: nil}), do: nil
+
+  defp metrics_of(%{python_pid: pid, python_start_time: start}) do
+    [metrics] = Native.process_metrics([{pid, start}])
+    metrics
   end
 
   @doc "Every entry, as `{worker_id, info}` pairs, in no particular order."
@@ -264,6 +291,14 @@ defmodule DSPex.Python.ProcessRegistry do
 
   defp remove_dead(registry) do
     removed = Native.registry_remove_dead(resource!(registry))
+
+    DSPex.Python.Telemetry.execute(
+      [:dspex_process, :registry, :sweep],
+      %{removed: length(removed)},
+      %{
+        registry: registry
+      }
+    )
 
     if removed != [] do
       Logger.info(

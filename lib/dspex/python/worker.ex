@@ -28,6 +28,9 @@ defmodule DSPex.Python.Worker do
       by `kill -9`, the kernel signals the worker at once. `true` (default, SIGKILL),
       `false`, or one of `:kill`, `:term`, `:int`, `:hup`, `:quit`, `:usr1`, `:usr2`.
       Children that the worker forks are not covered by the guard; the detector finds them.
+    * `:limits` - resource limits set by the wrapper before it execs Python:
+      `address_space:` bytes (RLIMIT_AS), `open_files:` count (RLIMIT_NOFILE), `nice:`
+      -20..19. Invalid values raise `ArgumentError`. Default `[]`.
 
   ## Example
 
@@ -50,6 +53,7 @@ defmodule DSPex.Python.Worker do
           | {:name, GenServer.name()}
           | {:shutdown_grace_ms, non_neg_integer()}
           | {:guard, boolean() | atom()}
+          | {:limits, [address_space: pos_integer(), open_files: pos_integer(), nice: -20..19]}
 
   @doc "A child spec whose id is `{DSPex.Python.Worker, worker_id}`."
   @spec child_spec([option()]) :: Supervisor.child_spec()
@@ -161,10 +165,15 @@ defmodule DSPex.Python.Worker do
 
     python_argv = [opts[:python], opts[:script], "--mode", "pool-worker" | opts[:args]]
 
+    # The wrapper sets the death signal and the limits, then execs Python in place.
     {program, args} =
-      case opts[:guard] do
-        false -> {opts[:python], tl(python_argv)}
-        signal -> {guard_executable!(), ["exec", "--pdeathsig", signal, "--" | python_argv]}
+      case {opts[:guard], opts[:limits]} do
+        {false, []} ->
+          {opts[:python], tl(python_argv)}
+
+        {signal, limits} ->
+          death = ["--pdeathsig", signal || "none"]
+          {guard_executable!(), ["exec" | death] ++ limit_args(limits) ++ ["--" | python_argv]}
       end
 
     port =
@@ -332,7 +341,8 @@ defmodule DSPex.Python.Worker do
         env: [],
         registry: ProcessRegistry,
         shutdown_grace_ms: 1_000,
-        guard: true
+        guard: true,
+        limits: []
       ])
 
     python = opts[:python] || System.find_executable("python3")
@@ -357,6 +367,31 @@ defmodule DSPex.Python.Worker do
     |> Keyword.put(:python, python)
     |> Keyword.put(:script, script)
     |> Keyword.update!(:guard, &guard_signal!/1)
+    |> Keyword.update!(:limits, &limits!/1)
+  end
+
+  @limits [address_space: "--rlimit-as", open_files: "--rlimit-nofile", nice: "--nice"]
+
+  defp limits!(limits) do
+    unless Keyword.keyword?(limits), do: check!(false, :limits, limits)
+
+    for {key, value} <- limits do
+      ok? =
+        case key do
+          :address_space -> is_integer(value) and value > 0
+          :open_files -> is_integer(value) and value > 0
+          :nice -> is_integer(value) and value in -20..19
+          _ -> false
+        end
+
+      check!(ok?, :limits, [{key, value}])
+    end
+
+    limits
+  end
+
+  defp limit_args(limits) do
+    Enum.flat_map(limits, fn {key, value} -> [@limits[key], Integer.to_string(value)] end)
   end
 
   @guard_signals [:kill, :term, :int, :hup, :quit, :usr1, :usr2]

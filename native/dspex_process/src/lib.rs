@@ -14,6 +14,7 @@ pub mod classify;
 mod error;
 mod identity;
 pub mod markers;
+pub mod metrics;
 mod proc_facts;
 mod registry;
 pub mod scan;

@@ -120,7 +120,14 @@ pub struct Stat {
     pub ppid: i32,
     pub pgid: i32,
     pub sid: i32,
+    /// User and system CPU time, clock ticks.
+    pub utime: u64,
+    pub stime: u64,
+    pub threads: u64,
+    /// Clock ticks since boot.
     pub start_time: u64,
+    /// Resident set size, pages.
+    pub rss_pages: u64,
 }
 
 impl Stat {
@@ -173,20 +180,22 @@ pub(crate) fn parse_stat(stat: &[u8]) -> Option<Stat> {
     }
     let comm = String::from_utf8_lossy(&stat[open + 1..close]).into_owned();
     let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    // After ")" come field 3 (state), 4 (ppid), 5 (pgrp), 6 (session) ... 22 (starttime).
-    let mut fields = rest.split_ascii_whitespace();
-    let state = ProcessState::from_char(fields.next()?.chars().next()?);
-    let ppid = fields.next()?.parse().ok()?;
-    let pgid = fields.next()?.parse().ok()?;
-    let sid = fields.next()?.parse().ok()?;
-    let start_time = fields.nth(15)?.parse().ok()?;
+    // After ")" come fields 3 (state), 4 (ppid), 5 (pgrp), 6 (session) ... 14 (utime),
+    // 15 (stime), 20 (num_threads), 22 (starttime), 24 (rss): field N is rest[N - 3].
+    let fields: Vec<&str> = rest.split_ascii_whitespace().take(22).collect();
+    let number = |field: usize| fields.get(field - 3)?.parse::<u64>().ok();
+    let signed = |field: usize| fields.get(field - 3)?.parse::<i32>().ok();
     Some(Stat {
         comm,
-        state,
-        ppid,
-        pgid,
-        sid,
-        start_time,
+        state: ProcessState::from_char(fields.first()?.chars().next()?),
+        ppid: signed(4)?,
+        pgid: signed(5)?,
+        sid: signed(6)?,
+        utime: number(14)?,
+        stime: number(15)?,
+        threads: number(20)?,
+        start_time: number(22)?,
+        rss_pages: number(24)?,
     })
 }
 
@@ -254,8 +263,12 @@ mod tests {
 
     #[test]
     fn parses_the_fields_we_use() {
-        let line = b"4242 (a) b) (c) S 1 4242 4241 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200";
+        let line = b"4242 (a) b) (c) S 1 4242 4241 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 3 0 987654 1000 200";
         let stat = parse_stat(line).unwrap();
+        assert_eq!(
+            (stat.utime, stat.stime, stat.threads, stat.rss_pages),
+            (17, 5, 3, 200)
+        );
         assert_eq!(stat.comm, "a) b) (c");
         assert_eq!(stat.state, ProcessState::Sleeping);
         assert_eq!((stat.ppid, stat.pgid, stat.sid), (1, 4242, 4241));
@@ -278,6 +291,8 @@ mod tests {
             assert_eq!(ours.pgid, theirs.pgrp);
             assert_eq!(ours.sid, theirs.session);
             assert_eq!(ours.start_time, theirs.starttime);
+            assert_eq!(ours.threads, theirs.num_threads as u64);
+            assert!(ours.rss_pages > 0);
         }
         assert_eq!(
             read_uid(std::process::id() as i32).unwrap(),

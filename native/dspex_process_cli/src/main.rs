@@ -50,7 +50,7 @@ enum Command {
     Find(Selection),
     /// End the orphans: SIGTERM to all at once, SIGKILL after the grace.
     Cleanup(CleanupArgs),
-    /// Run CMD with a parent-death signal set, in place (same pid).
+    /// Run CMD in place (same pid) with a parent-death signal and optional limits.
     Exec(ExecArgs),
 }
 
@@ -90,12 +90,34 @@ struct CleanupArgs {
 
 #[derive(Args)]
 struct ExecArgs {
-    /// Signal the kernel sends when the parent dies (TERM, KILL, INT, HUP, or a number).
-    #[arg(long, value_name = "SIG", default_value = "KILL", value_parser = parse_signal)]
-    pdeathsig: nix::sys::signal::Signal,
+    /// Signal the kernel sends when the parent dies (TERM, KILL, INT, HUP, a number), or
+    /// `none`.
+    #[arg(long, value_name = "SIG", default_value = "KILL", value_parser = parse_death_signal)]
+    pdeathsig: DeathSignal,
+    /// Limit of the address space, in bytes (RLIMIT_AS).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..))]
+    rlimit_as: Option<u64>,
+    /// Limit of open files (RLIMIT_NOFILE).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    rlimit_nofile: Option<u64>,
+    /// Scheduling niceness, -20 (first) to 19 (last).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
+    nice: Option<i32>,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     command: Vec<OsString>,
+}
+
+/// The parent-death signal, or none.
+#[derive(Clone, Copy)]
+struct DeathSignal(Option<nix::sys::signal::Signal>);
+
+fn parse_death_signal(text: &str) -> Result<DeathSignal, String> {
+    if text.eq_ignore_ascii_case("none") {
+        Ok(DeathSignal(None))
+    } else {
+        parse_signal(text).map(|s| DeathSignal(Some(s)))
+    }
 }
 
 fn parse_signal(text: &str) -> Result<nix::sys::signal::Signal, String> {
@@ -411,14 +433,20 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
 /// true).
 fn exec(args: ExecArgs) -> ExitCode {
     use std::os::unix::process::CommandExt;
-    let parent = nix::unistd::getppid();
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(args.pdeathsig) {
-        eprintln!("dspex-proc exec: prctl(PR_SET_PDEATHSIG) failed: {e}");
+    if let Err(message) = apply_limits(&args) {
+        eprintln!("dspex-proc exec: {message}");
         return ExitCode::from(126);
     }
-    // The parent may have died before the signal was armed: then nothing would ever come.
-    if nix::unistd::getppid() != parent || parent.as_raw() == 1 || owner_gone() {
-        return ExitCode::from(125);
+    if let DeathSignal(Some(signal)) = args.pdeathsig {
+        let parent = nix::unistd::getppid();
+        if let Err(e) = nix::sys::prctl::set_pdeathsig(signal) {
+            eprintln!("dspex-proc exec: prctl(PR_SET_PDEATHSIG) failed: {e}");
+            return ExitCode::from(126);
+        }
+        // The parent may have died before the signal was armed: then none would come.
+        if nix::unistd::getppid() != parent || parent.as_raw() == 1 || owner_gone() {
+            return ExitCode::from(125);
+        }
     }
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let error = std::process::Command::new(program).args(rest).exec();
@@ -428,6 +456,28 @@ fn exec(args: ExecArgs) -> ExitCode {
     } else {
         126
     })
+}
+
+/// Resource limits and niceness, set on this process before the exec: the command
+/// inherits them.
+fn apply_limits(args: &ExecArgs) -> Result<(), String> {
+    use nix::sys::resource::{setrlimit, Resource};
+    for (resource, name, value) in [
+        (Resource::RLIMIT_AS, "RLIMIT_AS", args.rlimit_as),
+        (Resource::RLIMIT_NOFILE, "RLIMIT_NOFILE", args.rlimit_nofile),
+    ] {
+        if let Some(v) = value {
+            setrlimit(resource, v, v).map_err(|e| format!("setrlimit({name}, {v}) failed: {e}"))?;
+        }
+    }
+    if let Some(n) = args.nice {
+        // SAFETY: plain syscall on the calling process.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!("setpriority({n}) failed: {e}"));
+        }
+    }
+    Ok(())
 }
 
 /// True when this process carries ownership markers and the BEAM they name is gone.

@@ -218,3 +218,40 @@ fn process_start_time(env: Env, pid: i64) -> Term {
         Err(e) => (atoms::error(), atom(env, e.reason())).encode(env),
     }
 }
+
+#[derive(NifMap)]
+struct Metrics {
+    rss_bytes: u64,
+    cpu_time_ms: u64,
+    threads: u64,
+    state: Atom,
+    age_ms: u64,
+}
+
+/// Metrics of each `{pid, start_time}`, in order; `nil` where the process is gone or the
+/// pid names another process now. One `/proc/PID/stat` read per process.
+#[rustler::nif(schedule = "DirtyIo")]
+fn process_metrics(env: Env, targets: Vec<(i64, u64)>) -> Vec<Option<Metrics>> {
+    let identities: Vec<Option<ProcessIdentity>> = targets
+        .iter()
+        .map(|&(pid, start_time)| {
+            Pid::new(pid)
+                .ok()
+                .map(|pid| ProcessIdentity { pid, start_time })
+        })
+        .collect();
+    let valid: Vec<ProcessIdentity> = identities.iter().flatten().copied().collect();
+    let mut read = dspex_process::metrics::read_metrics(&valid).into_iter();
+    identities
+        .iter()
+        .map(|id| {
+            id.and_then(|_| read.next().flatten()).map(|m| Metrics {
+                rss_bytes: m.rss_bytes,
+                cpu_time_ms: m.cpu_time_ms,
+                threads: m.threads,
+                state: atom(env, m.state.name()),
+                age_ms: m.age_ms,
+            })
+        })
+        .collect()
+}
