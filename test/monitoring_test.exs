@@ -11,35 +11,7 @@ defmodule DSPex.Python.MonitoringTest do
   @moduletag timeout: 120_000
 
   setup do
-    {script, pattern} = unique_bridge("mon")
-
-    on_exit(fn ->
-      kill_leftovers(pattern)
-      File.rm(script)
-    end)
-
-    %{script: script, pattern: pattern}
-  end
-
-  defp leak(script) do
-    {:ok, w} =
-      Worker.start(
-        worker_id: {:leak, System.unique_integer([:positive])},
-        script: script,
-        python: python(),
-        args: ["--linger"]
-      )
-
-    {:ok, "pong"} = Worker.call(w, "ping")
-    info = Worker.info(w)
-    Process.exit(w, :kill)
-
-    true =
-      eventually(fn ->
-        not Enum.any?(Port.list(), &(Port.info(&1, :os_pid) == {:os_pid, info.os_pid}))
-      end)
-
-    info
+    setup_bridge("mon")
   end
 
   describe "OrphanMonitor" do
@@ -47,7 +19,7 @@ defmodule DSPex.Python.MonitoringTest do
       script: script,
       pattern: pattern
     } do
-      leaked = leak(script)
+      leaked = leak_worker(script)
       detector = [pattern: pattern, min_age_ms: 0, grace_ms: 1_000]
 
       log =
@@ -169,7 +141,7 @@ defmodule DSPex.Python.MonitoringTest do
       script: script,
       pattern: pattern
     } do
-      leaked = leak(script)
+      leaked = leak_worker(script)
 
       capture_log(fn ->
         OrphanDetector.cleanup_orphaned_processes(

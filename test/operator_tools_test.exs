@@ -14,14 +14,7 @@ defmodule DSPex.Python.OperatorToolsTest do
   @root Path.expand("..", __DIR__)
 
   setup do
-    {script, pattern} = unique_bridge("ops")
-
-    on_exit(fn ->
-      kill_leftovers(pattern)
-      File.rm(script)
-    end)
-
-    %{script: script, pattern: pattern, cli: Worker.guard_executable()}
+    "ops" |> setup_bridge() |> Map.put(:cli, Worker.guard_executable())
   end
 
   defp identities(pids), do: Enum.map(pids, &{&1, start_time(&1)})

@@ -12,16 +12,7 @@ defmodule DSPex.Python.OrphanDetectorTest do
   @moduletag timeout: 120_000
 
   setup do
-    {script, pattern} = unique_bridge("det")
-
-    # Whatever a failed test left running under this run's unique pattern goes too.
-    on_exit(fn ->
-      kill_leftovers(pattern)
-
-      File.rm(script)
-    end)
-
-    %{script: script, pattern: pattern}
+    setup_bridge("det")
   end
 
   defp start_workers(script, count, args \\ []) do
@@ -41,28 +32,8 @@ defmodule DSPex.Python.OrphanDetectorTest do
     end
   end
 
-  # A worker whose Elixir process is killed while its python lingers: a real leak.
   defp leak_workers(script, count, args) do
-    for _ <- 1..count do
-      {:ok, w} =
-        Worker.start(
-          worker_id: {:leak, System.unique_integer([:positive])},
-          script: script,
-          python: python(),
-          args: ["--linger" | args]
-        )
-
-      {:ok, "pong"} = Worker.call(w, "ping")
-      info = Worker.info(w)
-      Process.exit(w, :kill)
-      # The port closes a moment after its owner dies; until then its process is in use.
-      assert eventually(fn -> not port_open?(info.os_pid) end)
-      info
-    end
-  end
-
-  defp port_open?(os_pid) do
-    Enum.any?(Port.list(), &(Port.info(&1, :os_pid) == {:os_pid, os_pid}))
+    for _ <- 1..count, do: leak_worker(script, args)
   end
 
   defp gone?(%{os_pid: pid, start_time: start}), do: not alive?(pid, start)

@@ -13,14 +13,7 @@ defmodule DSPex.Python.ReliabilityTest do
   @moduletag timeout: 300_000
 
   setup do
-    {script, pattern} = unique_bridge("rel")
-
-    on_exit(fn ->
-      kill_leftovers(pattern)
-      File.rm(script)
-    end)
-
-    %{script: script, pattern: pattern}
+    setup_bridge("rel")
   end
 
   defp all_alive?(ids), do: Enum.all?(ids, fn {p, s} -> alive?(p, s) end)
@@ -39,24 +32,8 @@ defmodule DSPex.Python.ReliabilityTest do
     {pid, {info.os_pid, info.start_time}}
   end
 
-  defp leak_worker(script) do
-    {:ok, w} =
-      Worker.start(
-        worker_id: {:leak, System.unique_integer([:positive])},
-        script: script,
-        python: python(),
-        args: ["--linger"]
-      )
-
-    {:ok, "pong"} = Worker.call(w, "ping")
-    info = Worker.info(w)
-    Process.exit(w, :kill)
-
-    true =
-      eventually(fn ->
-        not Enum.any?(Port.list(), &(Port.info(&1, :os_pid) == {:os_pid, info.os_pid}))
-      end)
-
+  defp leak_identity(script) do
+    info = leak_worker(script)
     {info.os_pid, info.start_time}
   end
 
@@ -95,7 +72,7 @@ defmodule DSPex.Python.ReliabilityTest do
 
       for round <- 1..20 do
         active = for _ <- 1..:rand.uniform(3), do: start_worker(script)
-        leaked = for _ <- 0..(:rand.uniform(3) - 1)//1, do: leak_worker(script)
+        leaked = for _ <- 0..(:rand.uniform(3) - 1)//1, do: leak_identity(script)
         reparented = make_orphans(:rand.uniform(4) - 1, Path.basename(script))
         unmanaged = for _ <- 0..(:rand.uniform(2) - 1)//1, do: detach_and_run(script, [])
 

@@ -196,6 +196,46 @@ defmodule DSPex.Test.OSProcess do
     rest |> String.split() |> Enum.at(1) |> String.to_integer()
   end
 
+  @doc """
+  For a test's `setup`: a unique bridge copy, and on exit the end of whatever still runs
+  under its name, then the file. Returns `%{script: path, pattern: basename}`.
+  """
+  def setup_bridge(tag) do
+    {script, pattern} = unique_bridge(tag)
+
+    ExUnit.Callbacks.on_exit(fn ->
+      kill_leftovers(pattern)
+      File.rm(script)
+    end)
+
+    %{script: script, pattern: pattern}
+  end
+
+  @doc """
+  A real leak: a `--linger` worker whose Elixir process is killed. Returns its
+  `Worker.info/1` once the port is closed (until then its process is in use).
+  """
+  def leak_worker(script, args \\ []) do
+    {:ok, w} =
+      DSPex.Python.Worker.start(
+        worker_id: {:leak, System.unique_integer([:positive])},
+        script: script,
+        python: python(),
+        args: ["--linger" | args]
+      )
+
+    {:ok, "pong"} = DSPex.Python.Worker.call(w, "ping")
+    info = DSPex.Python.Worker.info(w)
+    Process.exit(w, :kill)
+    true = eventually(fn -> not port_open?(info.os_pid) end)
+    info
+  end
+
+  @doc "Whether an open port of this VM runs `os_pid`."
+  def port_open?(os_pid) do
+    Enum.any?(Port.list(), &(Port.info(&1, :os_pid) == {:os_pid, os_pid}))
+  end
+
   @doc "A unique registry name for one test."
   def unique_name(tag), do: :"#{tag}_#{System.unique_integer([:positive])}"
 end

@@ -67,18 +67,15 @@ defmodule DSPex.Python.Worker do
 
   @doc "Starts a worker; invalid options raise `ArgumentError`."
   @spec start_link([option()]) :: GenServer.on_start()
-  def start_link(opts) do
-    opts = validate!(opts)
-    gen_opts = if opts[:name], do: [name: opts[:name]], else: []
-    GenServer.start_link(__MODULE__, opts, gen_opts)
-  end
+  def start_link(opts), do: start_with(&GenServer.start_link/3, opts)
 
   @doc "Starts a worker outside a supervision tree (not linked to the caller)."
   @spec start([option()]) :: GenServer.on_start()
-  def start(opts) do
+  def start(opts), do: start_with(&GenServer.start/3, opts)
+
+  defp start_with(start, opts) do
     opts = validate!(opts)
-    gen_opts = if opts[:name], do: [name: opts[:name]], else: []
-    GenServer.start(__MODULE__, opts, gen_opts)
+    start.(__MODULE__, opts, if(opts[:name], do: [name: opts[:name]], else: []))
   end
 
   @doc """

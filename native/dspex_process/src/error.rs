@@ -38,6 +38,20 @@ impl Error {
         }
     }
 
+    /// Maps an I/O error on `/proc/PID/...`: a missing file or ESRCH means the process is
+    /// gone, EACCES that it is not ours to read.
+    pub(crate) fn from_io(pid: i32, e: std::io::Error) -> Error {
+        match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NoSuchProcess(pid),
+            std::io::ErrorKind::PermissionDenied => Error::PermissionDenied(pid),
+            _ if e.raw_os_error() == Some(libc::ESRCH) => Error::NoSuchProcess(pid),
+            _ => Error::Proc {
+                pid,
+                message: e.to_string(),
+            },
+        }
+    }
+
     /// A short machine-readable name, used as the Elixir error atom.
     pub fn reason(&self) -> &'static str {
         match self {

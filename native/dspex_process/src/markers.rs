@@ -32,18 +32,9 @@ impl Markers {
     /// parse); `Err(PermissionDenied)` when its environment is not ours to read.
     pub fn read(pid: Pid) -> Result<Option<Markers>> {
         let raw = pid.as_raw();
-        match std::fs::read(format!("/proc/{raw}/environ")) {
-            Ok(bytes) => Ok(parse_environ(&bytes)),
-            Err(e) => Err(match e.kind() {
-                std::io::ErrorKind::NotFound => Error::NoSuchProcess(raw),
-                std::io::ErrorKind::PermissionDenied => Error::PermissionDenied(raw),
-                _ if e.raw_os_error() == Some(libc::ESRCH) => Error::NoSuchProcess(raw),
-                _ => Error::Proc {
-                    pid: raw,
-                    message: e.to_string(),
-                },
-            }),
-        }
+        std::fs::read(format!("/proc/{raw}/environ"))
+            .map(|bytes| parse_environ(&bytes))
+            .map_err(|e| Error::from_io(raw, e))
     }
 
     /// The `KEY=value` pairs to put in a worker's environment.

@@ -155,19 +155,7 @@ pub fn read_uid(pid: i32) -> Result<u32> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(format!("/proc/{pid}"))
         .map(|m| m.uid())
-        .map_err(|e| io_error(pid, e))
-}
-
-fn io_error(pid: i32, e: std::io::Error) -> Error {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NoSuchProcess(pid),
-        std::io::ErrorKind::PermissionDenied => Error::PermissionDenied(pid),
-        _ if e.raw_os_error() == Some(libc::ESRCH) => Error::NoSuchProcess(pid),
-        _ => Error::Proc {
-            pid,
-            message: e.to_string(),
-        },
-    }
+        .map_err(|e| Error::from_io(pid, e))
 }
 
 /// Parses a `/proc/PID/stat` line. The command name (field 2) may hold spaces and
@@ -202,31 +190,16 @@ pub(crate) fn parse_stat(stat: &[u8]) -> Option<Stat> {
 /// One read is enough: the kernel produces the whole (short) file at once. A second read
 /// only to see EOF would double the syscalls of every scan.
 fn read_small(path: &str, buf: &mut [u8], pid: i32) -> Result<usize> {
-    let map = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NoSuchProcess(pid),
-        std::io::ErrorKind::PermissionDenied => Error::PermissionDenied(pid),
-        _ if e.raw_os_error() == Some(libc::ESRCH) => Error::NoSuchProcess(pid),
-        _ => Error::Proc {
-            pid,
-            message: e.to_string(),
-        },
-    };
-    let mut file = std::fs::File::open(path).map_err(map)?;
-    file.read(buf).map_err(map)
+    let mut file = std::fs::File::open(path).map_err(|e| Error::from_io(pid, e))?;
+    file.read(buf).map_err(|e| Error::from_io(pid, e))
 }
 
 /// The argv of `pid`, split on NUL; bytes that are not UTF-8 are replaced, never fatal.
 fn read_argv(pid: Pid) -> Result<Vec<String>> {
     let raw = pid.as_raw();
-    match std::fs::read(format!("/proc/{raw}/cmdline")) {
-        Ok(bytes) => Ok(split_cmdline(&bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NoSuchProcess(raw)),
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err(Error::NoSuchProcess(raw)),
-        Err(e) => Err(Error::Proc {
-            pid: raw,
-            message: e.to_string(),
-        }),
-    }
+    std::fs::read(format!("/proc/{raw}/cmdline"))
+        .map(|bytes| split_cmdline(&bytes))
+        .map_err(|e| Error::from_io(raw, e))
 }
 
 /// Splits the raw contents of `/proc/PID/cmdline` into arguments.

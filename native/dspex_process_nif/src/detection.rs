@@ -108,6 +108,21 @@ fn detect<'a>(
     (atoms::ok(), out).encode(env)
 }
 
+/// `{pid, start_time}` pairs as identities: `None` where the pid cannot name a target
+/// (<= 1, beyond i32), and the valid ones alone, in order.
+fn identities(targets: &[(i64, u64)]) -> (Vec<Option<ProcessIdentity>>, Vec<ProcessIdentity>) {
+    let parsed: Vec<Option<ProcessIdentity>> = targets
+        .iter()
+        .map(|&(pid, start_time)| {
+            Pid::new(pid)
+                .ok()
+                .map(|pid| ProcessIdentity { pid, start_time })
+        })
+        .collect();
+    let valid = parsed.iter().flatten().copied().collect();
+    (parsed, valid)
+}
+
 /// Starts terminating `targets` (`{pid, start_time}` pairs) in parallel with one shared
 /// grace, on a thread of its own: waiting for the grace must not hold a scheduler, not even
 /// a dirty one. Returns at once; the caller then receives
@@ -132,15 +147,7 @@ fn terminate_start(
     std::thread::spawn(move || {
         dspex_process::lower_thread_priority();
         // Invalid pids (<= 1, > i32::MAX) are answered without reaching the terminator.
-        let parsed: Vec<Option<ProcessIdentity>> = targets
-            .iter()
-            .map(|&(pid, start_time)| {
-                Pid::new(pid)
-                    .ok()
-                    .map(|pid| ProcessIdentity { pid, start_time })
-            })
-            .collect();
-        let valid: Vec<ProcessIdentity> = parsed.iter().flatten().copied().collect();
+        let (parsed, valid) = identities(&targets);
         let outcomes = terminate::terminate(&valid, &options);
         let _ = OwnedEnv::new().send_and_clear(&caller, |env| {
             let mut outcomes = outcomes.into_iter();
@@ -232,15 +239,7 @@ struct Metrics {
 /// pid names another process now. One `/proc/PID/stat` read per process.
 #[rustler::nif(schedule = "DirtyIo")]
 fn process_metrics(env: Env, targets: Vec<(i64, u64)>) -> Vec<Option<Metrics>> {
-    let identities: Vec<Option<ProcessIdentity>> = targets
-        .iter()
-        .map(|&(pid, start_time)| {
-            Pid::new(pid)
-                .ok()
-                .map(|pid| ProcessIdentity { pid, start_time })
-        })
-        .collect();
-    let valid: Vec<ProcessIdentity> = identities.iter().flatten().copied().collect();
+    let (identities, valid) = identities(&targets);
     let mut read = dspex_process::metrics::read_metrics(&valid).into_iter();
     identities
         .iter()
