@@ -18,7 +18,9 @@ defmodule DSPex.Python.Telemetry do
   @doc false
   @spec execute([atom()], map(), map()) :: :ok
   def execute(event, measurements, metadata) do
-    if Code.ensure_loaded?(:telemetry) and function_exported?(:telemetry, :execute, 3) do
+    # Loaded is enough: attaching a handler loads :telemetry, and with no handler there is
+    # nobody to tell. Code.ensure_loaded?/1 would search the code path on every event.
+    if function_exported?(:telemetry, :execute, 3) do
       apply(:telemetry, :execute, [event, measurements, metadata])
     end
 
