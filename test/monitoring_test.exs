@@ -107,8 +107,12 @@ defmodule DSPex.Python.MonitoringTest do
       assert totals.rss_bytes == Enum.sum(Enum.map(status.metrics.workers, & &1.rss_bytes))
       assert totals.threads == Enum.sum(Enum.map(status.metrics.workers, & &1.threads))
 
-      assert_raise ArgumentError, fn ->
-        ProcessRegistry.get_worker_info(id, metrics: :yes, bogus: 1)
+      assert_raise ArgumentError, ~r/metrics/, fn ->
+        ProcessRegistry.get_worker_info(id, metrics: :yes)
+      end
+
+      assert_raise ArgumentError, ~r/bogus/, fn ->
+        ProcessRegistry.get_worker_info(id, bogus: 1)
       end
     end
   end
@@ -245,6 +249,7 @@ defmodule DSPex.Python.MonitoringTest do
       refute alive?(os_pid, start)
       assert_raise ArgumentError, fn -> OrphanDetector.cluster_status(nodes: "all") end
       assert_raise ArgumentError, fn -> OrphanDetector.cluster_status(pattern: "") end
+      assert_raise ArgumentError, fn -> OrphanDetector.cluster_status(:all) end
     end
   end
 

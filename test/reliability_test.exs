@@ -456,6 +456,40 @@ defmodule DSPex.Python.ReliabilityTest do
     end
   end
 
+  describe "VMs" do
+    test "a VM in a target's process group is never signalled, nor is a VM as a target" do
+      # A port program (its own group) that starts a second VM inside that group.
+      code = ~S"""
+      import subprocess, sys, time
+      vm = subprocess.Popen(["erl", "-noshell", "-eval", "timer:sleep(60000)."])
+      print(vm.pid, flush=True)
+      while True: time.sleep(1)
+      """
+
+      port = Port.open({:spawn_executable, python()}, [:binary, {:line, 100}, args: ["-c", code]])
+      {:os_pid, leader} = Port.info(port, :os_pid)
+      wrapper = receive do: ({^port, {:data, {:eol, line}}} -> String.to_integer(line))
+
+      # `erl` is a script that execs the VM under the same pid.
+      assert eventually(
+               fn -> match?({:ok, "beam" <> _}, File.read("/proc/#{wrapper}/comm")) end,
+               10_000
+             )
+
+      vm = {wrapper, start_time(wrapper)}
+
+      assert [{:error, :refused_vm}] = Termination.run([vm], grace_ms: 100, kill_wait_ms: 100)
+
+      assert [{:ok, _}] =
+               Termination.run([{leader, start_time(leader)}], grace_ms: 300, kill_wait_ms: 1_000)
+
+      assert alive?(elem(vm, 0), elem(vm, 1)), "the VM in the group was signalled"
+      {_, 0} = System.cmd("kill", ["-9", Integer.to_string(wrapper)])
+      assert eventually(fn -> not alive?(elem(vm, 0), elem(vm, 1)) end)
+      if Port.info(port), do: Port.close(port)
+    end
+  end
+
   describe "stubborn and vanishing targets" do
     test "a target still there after kill_wait is reported still_alive; nothing hangs",
          %{pattern: pattern} do

@@ -271,7 +271,8 @@ defmodule DSPex.Python.OrphanDetector do
   fails, is reported, never raised.
 
   Takes the detector's options (sent to every node), plus `:nodes` (default: this node
-  and `Node.list/0`) and `:timeout` in ms (default `15_000`).
+  and `Node.list/0`) and `:timeout` in ms (default: 15 s, or `grace_ms + kill_wait_ms`
+  plus 10 s when that is longer).
   """
   @spec cluster_status(keyword()) :: %{node() => {:ok, map()} | {:error, term()}}
   def cluster_status(opts \\ []), do: cluster(:get_system_status, opts)
@@ -284,13 +285,19 @@ defmodule DSPex.Python.OrphanDetector do
   def cluster_cleanup(opts \\ []), do: cluster(:cleanup_orphaned_processes, opts)
 
   defp cluster(fun, opts) do
+    unless is_list(opts) and Keyword.keyword?(opts) do
+      raise ArgumentError, "options must be a keyword list, got: #{inspect(opts)}"
+    end
+
     {nodes, opts} = Keyword.pop(opts, :nodes, [node() | Node.list()])
-    {timeout, opts} = Keyword.pop(opts, :timeout, 15_000)
+    {timeout, opts} = Keyword.pop(opts, :timeout)
+    # Validated here too, so that bad options fail once, loudly, not once per node.
+    local = validate!(opts)
+    # A cleanup may legitimately take grace + kill_wait on every node.
+    timeout = timeout || max(15_000, local[:grace_ms] + local[:kill_wait_ms] + 10_000)
 
     unless is_list(nodes) and Enum.all?(nodes, &is_atom/1), do: bad_option!(:nodes, nodes)
     unless is_integer(timeout) and timeout > 0, do: bad_option!(:timeout, timeout)
-    # Validated here too, so that bad options fail once, loudly, not once per node.
-    validate!(opts)
     args = if opts == [], do: [], else: [opts]
 
     nodes

@@ -27,8 +27,12 @@ defmodule DSPex.Python.OrphanMonitor do
 
   alias DSPex.Python.OrphanDetector
 
-  @type result ::
-          %{checked_at: integer(), orphans: [OrphanDetector.orphan()], cleanup: map() | nil}
+  @type result :: %{
+          required(:checked_at) => integer(),
+          required(:orphans) => [OrphanDetector.orphan()],
+          required(:cleanup) => map() | nil,
+          optional(:error) => String.t()
+        }
 
   @doc false
   def child_spec(opts) do
@@ -66,27 +70,39 @@ defmodule DSPex.Python.OrphanMonitor do
 
   @impl true
   def init(opts) do
-    state = %{opts: opts, last: nil}
-    {:ok, schedule(state)}
+    Process.send_after(self(), :tick, opts[:interval])
+    {:ok, %{opts: opts, last: nil, running: nil, waiting: []}}
   end
 
+  # Checks run in a task of their own, so that last_result/1 answers at once while a
+  # cleanup waits out its grace, and a failing check never takes the monitor down.
   @impl true
-  def handle_call(:check, _from, state) do
-    state = check(state)
-    {:reply, state.last, state}
-  end
-
+  def handle_call(:check, from, state), do: {:noreply, start_check(state, from)}
   def handle_call(:last, _from, state), do: {:reply, state.last, state}
 
   @impl true
-  def handle_info(:check, state), do: {:noreply, state |> check() |> schedule()}
+  def handle_info(:tick, state), do: {:noreply, start_check(state, nil)}
 
-  defp schedule(state) do
-    Process.send_after(self(), :check, state.opts[:interval])
-    state
+  def handle_info({:checked, task, result}, %{running: task} = state) do
+    Enum.each(state.waiting, &GenServer.reply(&1, result))
+    Process.send_after(self(), :tick, state.opts[:interval])
+    {:noreply, %{state | last: result, running: nil, waiting: []}}
   end
 
-  defp check(%{opts: opts} = state) do
+  def handle_info(_message, state), do: {:noreply, state}
+
+  defp start_check(%{running: nil} = state, from) do
+    monitor = self()
+    opts = state.opts
+    {:ok, task} = Task.start(fn -> send(monitor, {:checked, self(), check(opts)}) end)
+    %{state | running: task, waiting: List.wrap(from)}
+  end
+
+  # A check is already running: this caller gets its result.
+  defp start_check(state, nil), do: state
+  defp start_check(state, from), do: %{state | waiting: [from | state.waiting]}
+
+  defp check(opts) do
     orphans = OrphanDetector.find_orphaned_processes(opts[:detector])
 
     if orphans != [] do
@@ -100,6 +116,16 @@ defmodule DSPex.Python.OrphanMonitor do
       if opts[:auto_cleanup] and orphans != [],
         do: OrphanDetector.cleanup_orphaned_processes(orphans, opts[:detector])
 
-    %{state | last: %{checked_at: System.os_time(:second), orphans: orphans, cleanup: cleanup}}
+    %{checked_at: System.os_time(:second), orphans: orphans, cleanup: cleanup}
+  rescue
+    error ->
+      Logger.error("DSPex.Python.OrphanMonitor check failed: #{Exception.message(error)}")
+
+      %{
+        checked_at: System.os_time(:second),
+        orphans: [],
+        cleanup: nil,
+        error: Exception.message(error)
+      }
   end
 end

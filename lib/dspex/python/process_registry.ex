@@ -151,6 +151,10 @@ defmodule DSPex.Python.ProcessRegistry do
   def get_worker_info(worker_id, opts) when is_list(opts) do
     opts = Keyword.validate!(opts, registry: @default_name, metrics: false)
 
+    unless is_boolean(opts[:metrics]) do
+      raise ArgumentError, "invalid :metrics #{inspect(opts[:metrics])}, expected a boolean"
+    end
+
     with {:ok, info} <- get_worker_info(worker_id, opts[:registry]) do
       if opts[:metrics], do: {:ok, Map.put(info, :metrics, metrics_of(info))}, else: {:ok, info}
     end

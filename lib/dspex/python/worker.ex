@@ -184,11 +184,14 @@ defmodule DSPex.Python.Worker do
 
     {:os_pid, os_pid} = Port.info(port, :os_pid)
 
-    # The pid must still be our port program: never register (and later signal) a pid that
-    # was recycled between the spawn and this line.
-    with true <- Native.is_port_child(os_pid) || {:error, :not_a_port_child},
-         :ok <-
+    # Registration records the start time; checking *after* it that the pid is still our
+    # port program proves the recorded identity is our Python's, not a recycled pid's.
+    with :ok <-
            ProcessRegistry.register_worker(id, self(), os_pid, fingerprint, opts[:registry]),
+         true <-
+           Native.is_port_child(os_pid) ||
+             (ProcessRegistry.unregister_worker(id, opts[:registry]) &&
+                {:error, :not_a_port_child}),
          {:ok, %{python_start_time: start}} <-
            ProcessRegistry.get_worker_info(id, opts[:registry]) do
       {:ok,

@@ -68,8 +68,9 @@ pub trait ProcessLookup {
 pub struct Viewpoint {
     /// This BEAM; `None` when the caller is not a BEAM (the CLI).
     pub beam: Option<ProcessIdentity>,
-    /// Workers registered here whose Elixir process is alive: pid → start time.
-    pub registered: HashMap<Pid, u64>,
+    /// Python processes of workers registered here whose Elixir process is alive. A set of
+    /// identities: two entries may name one pid (a stale one and a live one).
+    pub registered: HashSet<ProcessIdentity>,
     /// OS pids of this VM's open ports: in use, whether registered or not.
     pub port_pids: HashSet<Pid>,
     /// This VM's own unregistered processes younger than this are still starting.
@@ -113,7 +114,11 @@ impl Context {
         let Ok(pid) = Pid::new(i64::from(pid)) else {
             return false;
         };
-        self.view.port_pids.contains(&pid) || self.view.registered.get(&pid) == Some(&start_time)
+        self.view.port_pids.contains(&pid)
+            || self
+                .view
+                .registered
+                .contains(&ProcessIdentity { pid, start_time })
     }
 
     fn is_this_beam(&self, identity: &ProcessIdentity) -> bool {
@@ -150,9 +155,15 @@ pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessL
     {
         return Class::Active;
     }
-    let other_live_beam_above = ancestry
+    // A process belongs to the nearest VM above it: when that is another live VM, it is
+    // that VM's, whatever its markers say (a nested VM's children inherit ours).
+    let nearest_vm = ancestry
         .iter()
-        .any(|(p, info)| Some(*p) != beam_pid && is_beam(&info.comm));
+        .find(|(_, info)| is_beam(&info.comm))
+        .map(|(p, _)| *p);
+    if nearest_vm.is_some_and(|vm| Some(vm) != beam_pid) {
+        return Class::Foreign;
+    }
 
     let markers = candidate.markers.markers();
     // Stamped in another pid namespace (a container): its owner pid cannot be checked
@@ -182,10 +193,6 @@ pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessL
         };
     }
 
-    // A live BEAM among the ancestors protects, whatever the markers say.
-    if other_live_beam_above {
-        return Class::Foreign;
-    }
     if let Some(m) = markers {
         return if is_live_beam(&m.owner, lookup) {
             Class::Foreign
@@ -194,10 +201,12 @@ pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessL
         };
     }
 
-    // Unmarked (no markers, or an environment we may not read).
+    // Unmarked (no markers, or an environment we may not read). A parent we cannot read
+    // (gone this instant, or hidden by hidepid) proves nothing: protected, unless the
+    // kernel already says the parent is PID 1.
     match ancestry.first() {
-        None => Class::Orphan(OrphanReason::Reparented),
-        Some((1, _)) => Class::Orphan(OrphanReason::Reparented),
+        _ if facts.ppid == 1 => Class::Orphan(OrphanReason::Reparented),
+        None => Class::Unmanaged,
         Some((_, parent)) if KNOWN_SUBREAPERS.contains(&parent.comm.as_str()) => {
             Class::Orphan(OrphanReason::Reparented)
         }
@@ -410,7 +419,7 @@ mod tests {
         let mut c = candidate(500, HELPER, 900, Some((BEAM, 10)));
         c.facts.state = ProcessState::Zombie;
         let mut ctx = ctx();
-        ctx.view.registered.insert(c.facts.pid, 900);
+        ctx.view.registered.insert(id(500, 900));
         assert_eq!(class_of(&c, &ctx), Class::Zombie);
     }
 
@@ -418,11 +427,14 @@ mod tests {
     fn registered_with_live_worker_is_active_only_with_the_same_start_time() {
         let c = candidate(500, HELPER, 500, Some((BEAM, 10)));
         let mut ctx = ctx();
-        ctx.view.registered.insert(c.facts.pid, 500);
+        ctx.view.registered.insert(id(500, 500));
+        assert_eq!(class_of(&c, &ctx), Class::Active);
+        // A stale entry for the same pid does not hide the live one.
+        ctx.view.registered.insert(id(500, 499));
         assert_eq!(class_of(&c, &ctx), Class::Active);
 
         // Same pid, other start time: a recycled pid is not the registered worker.
-        ctx.view.registered.insert(c.facts.pid, 499);
+        ctx.view.registered.remove(&id(500, 500));
         assert_eq!(class_of(&c, &ctx), Class::Orphan(OrphanReason::WorkerGone));
 
         // Not registered (its Elixir worker died) but still the OS process of an open
@@ -436,10 +448,7 @@ mod tests {
     fn children_of_an_active_worker_or_port_are_active() {
         let child = candidate(501, 500, 950, Some((BEAM, 10)));
         let mut registered = ctx();
-        registered
-            .view
-            .registered
-            .insert(Pid::new(500).unwrap(), 900);
+        registered.view.registered.insert(id(500, 900));
         assert_eq!(class_of(&child, &registered), Class::Active);
 
         let mut port = ctx();
@@ -485,6 +494,15 @@ mod tests {
         // The marker names a dead BEAM, but the process runs under another live BEAM.
         let c = candidate(710, 201, 100, Some((4242, 1)));
         assert_eq!(class_of(&c, &ctx()), Class::Foreign);
+        // It names *this* BEAM (inherited by a nested VM's child), under another live VM.
+        let nested = candidate(711, 201, 100, Some((BEAM, 10)));
+        assert_eq!(class_of(&nested, &ctx()), Class::Foreign);
+        // Our own leaked worker, under our own helper: the nearest VM is us.
+        let ours = candidate(712, HELPER, 100, Some((BEAM, 10)));
+        assert_eq!(
+            class_of(&ours, &ctx()),
+            Class::Orphan(OrphanReason::WorkerGone)
+        );
     }
 
     #[test]
@@ -561,10 +579,10 @@ mod tests {
             class_of(&candidate(803, 400, 100, None), &ctx),
             Class::Orphan(OrphanReason::Reparented)
         );
-        // Parent vanished while we looked: treated as re-parented.
+        // A parent we cannot read (gone this instant, or hidden): protected.
         assert_eq!(
             class_of(&candidate(804, 9999, 100, None), &ctx),
-            Class::Orphan(OrphanReason::Reparented)
+            Class::Unmanaged
         );
         // A grandchild of this BEAM through a shell is not a port child: unmanaged.
         let mut t = table();
@@ -620,7 +638,10 @@ mod tests {
         // Registered: active.
         let start = ProcessIdentity::of(pids[0]).unwrap().start_time;
         let view = Viewpoint {
-            registered: HashMap::from([(pids[0], start)]),
+            registered: HashSet::from([ProcessIdentity {
+                pid: pids[0],
+                start_time: start,
+            }]),
             ..Viewpoint::default()
         };
         let found = detect(&pattern, view);

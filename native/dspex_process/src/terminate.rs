@@ -55,6 +55,8 @@ pub enum Refusal {
     OwnProcessGroup,
     /// Owned by another user, and `allow_other_users` is off.
     OtherUser,
+    /// An Erlang VM: never a worker, never signalled by this library.
+    Vm,
 }
 
 impl Refusal {
@@ -64,6 +66,7 @@ impl Refusal {
             Refusal::Ancestor => "refused_ancestor",
             Refusal::OwnProcessGroup => "refused_own_group",
             Refusal::OtherUser => "refused_other_user",
+            Refusal::Vm => "refused_vm",
         }
     }
 }
@@ -108,6 +111,7 @@ impl Caller {
         pid != self.pid
             && !self.ancestors.contains(&pid)
             && seen.pgid != self.pgid
+            && !seen.vm
             && (seen.uid == self.euid || options.allow_other_users)
     }
 }
@@ -116,6 +120,7 @@ impl Caller {
 struct Seen {
     pgid: i32,
     uid: u32,
+    vm: bool,
 }
 
 /// A process we hold on to: by pidfd, or by identity alone where pidfds are unavailable.
@@ -149,6 +154,7 @@ impl Pinned {
             Seen {
                 pgid: stat.pgid,
                 uid,
+                vm: crate::classify::is_beam(&stat.comm),
             },
         ))
     }
@@ -361,6 +367,10 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
                 continue;
             }
         };
+        if seen.vm {
+            outcomes[i] = Some(Outcome::Refused(Refusal::Vm));
+            continue;
+        }
         if seen.pgid == caller.pgid {
             outcomes[i] = Some(Outcome::Refused(Refusal::OwnProcessGroup));
             continue;
@@ -476,10 +486,11 @@ fn pin_group_members(jobs: &mut [(usize, Job)], caller: &Caller, options: &Termi
         let seen = Seen {
             pgid: stat.pgid,
             uid,
+            vm: crate::classify::is_beam(&stat.comm),
         };
         if !caller.may_signal(pid, &seen, options) {
-            // Someone in this group is not ours to signal: no group signal, members one
-            // by one.
+            // Someone in this group is not ours to signal (another user's, the caller's
+            // family, a VM): no group signal, and the vetted members one by one.
             jobs[j].1.group = false;
             continue;
         }

@@ -9,7 +9,7 @@ use dspex_process::scan::{MarkerRead, Pattern};
 use dspex_process::terminate::{self, Outcome, TerminateOptions};
 use dspex_process::{Pid, ProcessIdentity, Stat};
 use rustler::{Atom, Binary, Encoder, Env, NifMap, OwnedEnv, ResourceArc, Term};
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::Duration;
 
 mod atoms {
@@ -60,11 +60,8 @@ fn detect<'a>(
         Ok(p) => p,
         Err(_) => return (atoms::error(), atoms::invalid_pattern()).encode(env),
     };
-    let registered: HashMap<Pid, u64> = registries
-        .iter()
-        .flat_map(|r| r.live_python())
-        .map(|id| (id.pid, id.start_time))
-        .collect();
+    let registered: HashSet<ProcessIdentity> =
+        registries.iter().flat_map(|r| r.live_python()).collect();
     let view = Viewpoint {
         beam: this_beam(),
         registered,
