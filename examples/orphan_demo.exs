@@ -13,6 +13,7 @@ alias DSPex.Python.{OrphanDetector, Worker}
 
 defmodule Demo do
   def say(text), do: IO.puts("\n== " <> text)
+  def show(label, term), do: IO.puts("#{label}: " <> inspect(term, pretty: true))
 
   @peer_code """
   script = System.fetch_env!("DEMO_SCRIPT")
@@ -106,7 +107,7 @@ try do
 
   Demo.say("OrphanDetector.get_system_status/1")
   status = OrphanDetector.get_system_status(opts)
-  IO.inspect(Map.drop(status, [:orphan_details]), label: "status")
+  Demo.show("status", Map.drop(status, [:orphan_details]))
 
   Demo.say("OrphanDetector.find_orphaned_processes/1")
 
@@ -132,9 +133,9 @@ try do
   Demo.say("OrphanDetector.get_system_status/1 again")
   after_status = OrphanDetector.get_system_status(opts)
 
-  IO.inspect(
-    Map.take(after_status, [:system_health, :orphaned_processes, :total_dspy_processes, :active]),
-    label: "status"
+  Demo.show(
+    "status",
+    Map.take(after_status, [:system_health, :orphaned_processes, :total_dspy_processes, :active])
   )
 
   Demo.say("Stopping this VM's workers")
