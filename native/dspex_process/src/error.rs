@@ -23,21 +23,6 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    /// Maps a procfs error for `pid` onto ours: "not found" and ESRCH both mean the process
-    /// is gone, which callers treat differently from a real I/O failure.
-    pub(crate) fn from_proc(pid: i32, err: procfs::ProcError) -> Error {
-        use procfs::ProcError as P;
-        match err {
-            P::NotFound(_) => Error::NoSuchProcess(pid),
-            P::PermissionDenied(_) => Error::PermissionDenied(pid),
-            P::Io(io, _) if io.raw_os_error() == Some(libc::ESRCH) => Error::NoSuchProcess(pid),
-            other => Error::Proc {
-                pid,
-                message: other.to_string(),
-            },
-        }
-    }
-
     /// Maps an I/O error on `/proc/PID/...`: a missing file or ESRCH means the process is
     /// gone, EACCES that it is not ours to read.
     pub(crate) fn from_io(pid: i32, e: std::io::Error) -> Error {

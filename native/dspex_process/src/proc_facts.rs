@@ -69,38 +69,33 @@ pub struct ProcessFacts {
 }
 
 impl ProcessFacts {
-    /// Reads the facts of `pid`. stat and uid come through one `/proc/PID` directory
-    /// handle; argv is read by path (procfs rejects non-UTF-8 argv), so the start time is
-    /// read again afterwards: if the pid was recycled meanwhile, this is "no such process".
+    /// Reads the facts of `pid`. Each file is read by path, so the start time is read
+    /// again at the end: if the pid was recycled meanwhile, this is "no such process".
     pub fn read(pid: Pid) -> Result<ProcessFacts> {
         let raw = pid.as_raw();
-        let process = procfs::process::Process::new(raw).map_err(|e| Error::from_proc(raw, e))?;
-        let stat = process.stat().map_err(|e| Error::from_proc(raw, e))?;
-        let uid = process.uid().map_err(|e| Error::from_proc(raw, e))?;
+        let stat = Stat::read(raw)?;
+        let uid = read_uid(raw)?;
         let argv = read_argv(pid)?;
-        if ProcessFacts::read_start_time(pid)? != stat.starttime {
+        if ProcessFacts::read_start_time(pid)? != stat.start_time {
             return Err(Error::NoSuchProcess(raw));
         }
         Ok(ProcessFacts {
             pid,
             ppid: stat.ppid,
-            pgid: stat.pgrp,
-            sid: stat.session,
+            pgid: stat.pgid,
+            sid: stat.sid,
             uid,
-            state: ProcessState::from_char(stat.state),
-            start_time: stat.starttime,
+            state: stat.state,
+            start_time: stat.start_time,
             comm: stat.comm,
             argv,
         })
     }
 
-    /// Reads only the start time: one small read of `/proc/PID/stat`, no allocation
-    /// beyond the path. This is the hot path of registration and of every identity check.
+    /// Reads only the start time: one small read of `/proc/PID/stat`. This is the hot path
+    /// of registration and of every identity check.
     pub fn read_start_time(pid: Pid) -> Result<u64> {
-        let raw = pid.as_raw();
-        let mut buf = [0u8; 1024];
-        let len = read_small(&format!("/proc/{raw}/stat"), &mut buf, raw)?;
-        parse_stat_start_time(&buf[..len]).ok_or_else(|| unparsable(raw))
+        Stat::read(pid.as_raw()).map(|stat| stat.start_time)
     }
 }
 
@@ -211,15 +206,6 @@ pub(crate) fn split_cmdline(bytes: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// Field 22 of a `/proc/PID/stat` line. The command name (field 2) may hold spaces and
-/// parentheses, so fields are counted from the *last* `)`.
-pub(crate) fn parse_stat_start_time(stat: &[u8]) -> Option<u64> {
-    let close = stat.iter().rposition(|b| *b == b')')?;
-    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    // After ")" come field 3 (state) onwards, so field 22 is the 20th of the rest.
-    rest.split_ascii_whitespace().nth(19)?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,10 +214,10 @@ mod tests {
     #[test]
     fn parses_start_time_even_with_hostile_comm() {
         let line = b"4242 (evil) 1 2 (x)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 200 18446744073709551615";
-        assert_eq!(parse_stat_start_time(line), Some(987654));
-        assert_eq!(parse_stat_start_time(b"12 (a) S 1 2"), None);
-        assert_eq!(parse_stat_start_time(b"no paren"), None);
-        assert_eq!(parse_stat_start_time(b""), None);
+        assert_eq!(parse_stat(line).map(|s| s.start_time), Some(987654));
+        assert_eq!(parse_stat(b"12 (a) S 1 2"), None);
+        assert_eq!(parse_stat(b"no paren"), None);
+        assert_eq!(parse_stat(b""), None);
     }
 
     #[test]
