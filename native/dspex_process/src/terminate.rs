@@ -106,13 +106,32 @@ impl Caller {
         }
     }
 
-    /// Whether a process may be signalled at all by this caller.
-    fn may_signal(&self, pid: i32, seen: &Seen, options: &TerminateOptions) -> bool {
-        pid != self.pid
-            && !self.ancestors.contains(&pid)
-            && seen.pgid != self.pgid
-            && !seen.vm
-            && (seen.uid == self.euid || options.allow_other_users)
+    /// The refusals that the pid alone decides: checked before pinning, so that this
+    /// process and its ancestors are refused whatever start time comes with them.
+    fn refusal_of_pid(&self, pid: i32) -> Option<Refusal> {
+        if pid == self.pid {
+            Some(Refusal::ThisProcess)
+        } else if self.ancestors.contains(&pid) {
+            Some(Refusal::Ancestor)
+        } else {
+            None
+        }
+    }
+
+    /// Why this caller may not signal a pinned process, if it may not. The one place the
+    /// refusals are decided, for targets and for members of their groups alike.
+    fn refusal(&self, pid: i32, seen: &Seen, options: &TerminateOptions) -> Option<Refusal> {
+        if let Some(refusal) = self.refusal_of_pid(pid) {
+            Some(refusal)
+        } else if seen.vm {
+            Some(Refusal::Vm)
+        } else if seen.pgid == self.pgid {
+            Some(Refusal::OwnProcessGroup)
+        } else if seen.uid != self.euid && !options.allow_other_users {
+            Some(Refusal::OtherUser)
+        } else {
+            None
+        }
     }
 }
 
@@ -347,12 +366,8 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
 
     for (i, target) in targets.iter().enumerate() {
         let pid = target.pid.as_raw();
-        if pid == caller.pid {
-            outcomes[i] = Some(Outcome::Refused(Refusal::ThisProcess));
-            continue;
-        }
-        if caller.ancestors.contains(&pid) {
-            outcomes[i] = Some(Outcome::Refused(Refusal::Ancestor));
+        if let Some(refusal) = caller.refusal_of_pid(pid) {
+            outcomes[i] = Some(Outcome::Refused(refusal));
             continue;
         }
         if !seen.insert(*target) {
@@ -367,16 +382,8 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
                 continue;
             }
         };
-        if seen.vm {
-            outcomes[i] = Some(Outcome::Refused(Refusal::Vm));
-            continue;
-        }
-        if seen.pgid == caller.pgid {
-            outcomes[i] = Some(Outcome::Refused(Refusal::OwnProcessGroup));
-            continue;
-        }
-        if seen.uid != caller.euid && !options.allow_other_users {
-            outcomes[i] = Some(Outcome::Refused(Refusal::OtherUser));
+        if let Some(refusal) = caller.refusal(pid, &seen, options) {
+            outcomes[i] = Some(Outcome::Refused(refusal));
             continue;
         }
         let group = options.kill_group && seen.pgid == pid;
@@ -477,33 +484,30 @@ fn pin_group_members(jobs: &mut [(usize, Job)], caller: &Caller, options: &Termi
         let Some(&j) = groups.get(&stat.pgid) else {
             continue;
         };
-        if pid == jobs[j].1.leader.identity.pid.as_raw() {
+        let Ok(pid) = Pid::new(i64::from(pid)) else {
+            continue;
+        };
+        if pid == jobs[j].1.leader.identity.pid {
             continue;
         }
-        let Ok(uid) = read_uid(pid) else {
+        let identity = ProcessIdentity {
+            pid,
+            start_time: stat.start_time,
+        };
+        // The refusals are judged on what pinning read, after its pidfd was open.
+        let Ok((member, seen)) = Pinned::pin(identity) else {
             continue;
         };
-        let seen = Seen {
-            pgid: stat.pgid,
-            uid,
-            vm: crate::classify::is_beam(&stat.comm),
-        };
-        if !caller.may_signal(pid, &seen, options) {
+        if seen.pgid != stat.pgid {
+            continue;
+        }
+        if caller.refusal(pid.as_raw(), &seen, options).is_some() {
             // Someone in this group is not ours to signal (another user's, the caller's
             // family, a VM): no group signal, and the vetted members one by one.
             jobs[j].1.group = false;
             continue;
         }
-        let Ok(pid) = Pid::new(i64::from(pid)) else {
-            continue;
-        };
-        let identity = ProcessIdentity {
-            pid,
-            start_time: stat.start_time,
-        };
-        if let Ok((member, _)) = Pinned::pin(identity) {
-            jobs[j].1.members.push(member);
-        }
+        jobs[j].1.members.push(member);
     }
 }
 
