@@ -1,7 +1,13 @@
 defmodule Mix.Tasks.Compile.DspexNative do
   @moduledoc """
   Builds the Rust workspace with `cargo build --release` and puts the NIF under the
-  application's `priv/native/` and the `dspex-proc` CLI under `priv/bin/`.
+  application's `priv/native/`, the `dspex-proc` CLI under `priv/bin/` and the bridge
+  stand-in under `priv/python/`.
+
+  The project has no source `priv/` on purpose: Mix mirrors a source `priv/` into the build
+  (by symlink, or by copying files *in place*), which would put build artifacts into the
+  source tree of a `path:` dependency and overwrite a NIF that a running VM has mapped.
+  Here only this task writes the application's `priv/`, and always by remove-then-copy.
 
   Cargo decides what is stale, so running it on every compile costs a fraction of a second
   when nothing changed. The library is removed before the copy: a running VM may have the old
@@ -11,6 +17,8 @@ defmodule Mix.Tasks.Compile.DspexNative do
 
   # {file cargo builds, folder under the app's priv}
   @artifacts [{"libdspex_process_nif.so", "native"}, {"dspex-proc", "bin"}]
+  # {file in the source tree, folder under the app's priv}
+  @sources [{"python/dspy_bridge.py", "python"}]
 
   @impl true
   def run(_args) do
@@ -29,17 +37,20 @@ defmodule Mix.Tasks.Compile.DspexNative do
     target = Path.join(System.get_env("CARGO_TARGET_DIR", Path.join(root, "target")), "release")
 
     installed =
-      for {file, folder} <- @artifacts do
+      for {source, folder} <-
+            Enum.map(@artifacts, fn {file, folder} -> {Path.join(target, file), folder} end) ++
+              Enum.map(@sources, fn {file, folder} -> {Path.join(root, file), folder} end) do
         dest = Path.join([Mix.Project.app_path(), "priv", folder])
         File.mkdir_p!(dest)
-        install(Path.join(target, file), Path.join(dest, file))
+        install(source, Path.join(dest, Path.basename(source)))
       end
 
     if Enum.any?(installed), do: {:ok, []}, else: {:noop, []}
   end
 
   defp install(source, dest) do
-    unless File.exists?(source), do: Mix.raise("cargo did not produce #{source}")
+    unless File.exists?(source),
+      do: Mix.raise("#{source} is missing: the build did not produce it")
 
     if same_file?(source, dest) do
       false

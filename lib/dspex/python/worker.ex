@@ -17,7 +17,7 @@ defmodule DSPex.Python.Worker do
 
     * `:worker_id` (required) - any term; it names the registry entry.
     * `:python` - the interpreter; default `python3` from `PATH`.
-    * `:script` - default: the bundled `priv/python/dspy_bridge.py` stand-in.
+    * `:script` - default: the bundled stand-in, the app's `priv/python/dspy_bridge.py`.
     * `:args` - extra arguments after `--mode pool-worker` (strings). Default `[]`.
     * `:env` - extra environment, `[{name, value}]` strings. Default `[]`.
     * `:registry` - the registry name. Default `DSPex.Python.ProcessRegistry`.
