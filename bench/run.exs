@@ -64,11 +64,12 @@ defmodule Bench do
     {port, pids}
   end
 
+  # `n` real orphans, as `{pid, start_time}` identities.
   def orphans(n, marker) do
-    {_port, pids} = spawn_processes(n, "orphans", marker)
+    spawn_processes(n, "orphans", marker)
     # Until every child is re-parented, some are still children of the exiting factory.
     wait_until(fn -> length(OrphanDetector.find_orphaned_processes(pattern: marker)) == n end)
-    pids
+    Enum.map(OrphanDetector.find_orphaned_processes(pattern: marker), &{&1.pid, &1.start_time})
   end
 
   def wait_until(fun, deadline \\ System.monotonic_time(:millisecond) + 30_000) do
@@ -79,12 +80,18 @@ defmodule Bench do
     end
   end
 
-  def alive?(pid), do: File.exists?("/proc/#{pid}") and not zombie?(pid)
+  # Still running with the same start time: a recycled pid is not the process we started.
+  def alive?({pid, start}) do
+    match?(
+      [%{state: s}] when s not in [:zombie, :dead],
+      DSPex.Python.Native.process_metrics([{pid, start}])
+    )
+  end
 
-  defp zombie?(pid) do
-    case File.read("/proc/#{pid}/stat") do
-      {:ok, stat} -> stat =~ ~r/\) [ZX] /
-      _ -> true
+  def start_time(pid) do
+    case DSPex.Python.Native.process_start_time(pid) do
+      {:ok, start} -> start
+      _ -> -1
     end
   end
 
@@ -297,6 +304,8 @@ python = Bench.python()
 {factory, extra} =
   Bench.spawn_processes(1000, "background", "dspex_bench_background_#{System.pid()}")
 
+extra = Enum.map(extra, &{&1, Bench.start_time(&1)})
+
 workers =
   for i <- 1..20 do
     {:ok, w} =
@@ -357,12 +366,14 @@ serial_10 =
   (fn ->
      pids = Bench.orphans(10, marker)
 
+     # The reference's loop, with the identity check it lacks before its KILL: during the
+     # second of sleep a pid can be recycled, and the benchmark must not kill a stranger.
      {t, _} =
        :timer.tc(fn ->
-         for pid <- pids do
+         for {pid, _} = identity <- pids do
            {_, 0} = System.cmd("kill", ["-TERM", "#{pid}"])
            Process.sleep(1000)
-           if Bench.alive?(pid), do: System.cmd("kill", ["-KILL", "#{pid}"])
+           if Bench.alive?(identity), do: System.cmd("kill", ["-KILL", "#{pid}"])
          end
        end)
 
@@ -380,7 +391,7 @@ external_worst =
 
      {_, worst, _} =
        Bench.Ticker.measure(fn ->
-         {_, 0} = System.cmd("kill", ["-KILL" | Enum.map(pids, &Integer.to_string/1)])
+         {_, 0} = System.cmd("kill", ["-KILL" | Enum.map(pids, &Integer.to_string(elem(&1, 0)))])
          Bench.wait_until(fn -> not Enum.any?(pids, &Bench.alive?/1) end)
        end)
 

@@ -56,7 +56,8 @@ defmodule Demo do
     receive do
       {^port, {:data, {:eol, "READY " <> rest}}} ->
         [beam | workers] = rest |> String.split() |> Enum.map(&String.to_integer/1)
-        {port, beam, workers}
+        {:ok, start} = DSPex.Python.Native.process_start_time(beam)
+        {port, {beam, start}, workers}
 
       {^port, {:data, _other}} ->
         receive_ready(port)
@@ -68,7 +69,9 @@ defmodule Demo do
     end
   end
 
-  def kill9(port, os_pid) do
+  # The demo's own second VM, killed only while its pid still names it.
+  def kill9(port, os_pid, start) do
+    {:ok, ^start} = DSPex.Python.Native.process_start_time(os_pid)
     {_, 0} = System.cmd("kill", ["-9", Integer.to_string(os_pid)])
     receive do: ({^port, {:exit_status, _}} -> :ok), after: (10_000 -> raise "still alive")
   end
@@ -97,9 +100,9 @@ try do
   IO.puts("python pids: #{Enum.map_join(workers, " ", &Worker.os_pid/1)}")
 
   Demo.say("Starting a second VM with 3 lingering, unguarded workers, then kill -9 of that VM")
-  {port, beam, peer_workers} = Demo.start_peer(script)
+  {port, {beam, beam_start}, peer_workers} = Demo.start_peer(script)
   IO.puts("second VM #{beam}, its workers: #{Enum.join(peer_workers, " ")}")
-  Demo.kill9(port, beam)
+  Demo.kill9(port, beam, beam_start)
 
   IO.puts(
     "VM #{beam} killed; its workers are still running: #{Enum.all?(peer_workers, &File.exists?("/proc/#{&1}"))}"

@@ -484,7 +484,7 @@ defmodule DSPex.Python.ReliabilityTest do
                Termination.run([{leader, start_time(leader)}], grace_ms: 300, kill_wait_ms: 1_000)
 
       assert alive?(elem(vm, 0), elem(vm, 1)), "the VM in the group was signalled"
-      {_, 0} = System.cmd("kill", ["-9", Integer.to_string(wrapper)])
+      kill9(wrapper, elem(vm, 1))
       assert eventually(fn -> not alive?(elem(vm, 0), elem(vm, 1)) end)
       if Port.info(port), do: Port.close(port)
     end
@@ -512,10 +512,11 @@ defmodule DSPex.Python.ReliabilityTest do
         Task.start_link(fn ->
           for _ <- 1..60 do
             make_orphans(4, pattern)
-            |> Enum.each(fn {p, _} ->
+            |> Enum.each(fn identity ->
               spawn(fn ->
                 Process.sleep(:rand.uniform(30))
-                System.cmd("kill", ["-9", "#{p}"])
+                # Identity-checked: cleanup may have ended it and its pid been reused.
+                Termination.run([identity], grace_ms: 0, kill_wait_ms: 0)
               end)
             end)
 

@@ -94,7 +94,8 @@ defmodule DSPex.Python.WorkerTest do
     Process.flag(:trap_exit, true)
     {:ok, pid} = Worker.start_link(worker_opts(ctx))
     {:ok, os_pid} = Worker.call(pid, "pid")
-    kill9(String.to_integer(os_pid))
+    os_pid = String.to_integer(os_pid)
+    kill9(os_pid, Worker.info(pid).start_time)
     assert_receive {:EXIT, ^pid, {:python_exited, 137}}, 5_000
   end
 

@@ -96,8 +96,13 @@ defmodule DSPex.Test.OSProcess do
     end
   end
 
-  @doc "Sends SIGKILL to an OS process that the calling test started itself."
-  def kill9(os_pid) when is_integer(os_pid) and os_pid > 1 do
+  @doc """
+  Sends SIGKILL to an OS process that the calling test started itself, only while `os_pid`
+  still has `start` as its start time: never a process that took a recycled pid. (For VMs,
+  which the library's terminator refuses by design.)
+  """
+  def kill9(os_pid, start) when is_integer(os_pid) and os_pid > 1 do
+    true = alive?(os_pid, start)
     {_, 0} = System.cmd("kill", ["-9", Integer.to_string(os_pid)])
     :ok
   end

@@ -7,7 +7,7 @@ defmodule DSPex.Test.PeerBeam do
 
   import DSPex.Test.OSProcess
 
-  defstruct [:port, :os_pid, :worker_pids]
+  defstruct [:port, :os_pid, :start_time, :worker_pids]
 
   @peer_code """
   [count | args] = System.argv()
@@ -79,9 +79,12 @@ defmodule DSPex.Test.PeerBeam do
       {^port, {:data, {:eol, line}}} ->
         case String.split(acc <> line) do
           ["READY", beam | pids] ->
+            os_pid = String.to_integer(beam)
+
             %__MODULE__{
               port: port,
-              os_pid: String.to_integer(beam),
+              os_pid: os_pid,
+              start_time: start_time(os_pid),
               worker_pids: Enum.map(pids, &String.to_integer/1)
             }
 
@@ -100,8 +103,8 @@ defmodule DSPex.Test.PeerBeam do
   end
 
   @doc "Kills the peer BEAM with SIGKILL and waits until it is gone."
-  def kill(%__MODULE__{port: port, os_pid: os_pid}) do
-    kill9(os_pid)
+  def kill(%__MODULE__{port: port, os_pid: os_pid, start_time: start}) do
+    kill9(os_pid, start)
 
     receive do
       {^port, {:exit_status, _}} -> :ok
