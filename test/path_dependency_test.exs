@@ -47,5 +47,8 @@ defmodule DSPex.Python.PathDependencyTest do
 
     assert out =~ "ORPHANS []"
     assert out =~ "CLI true"
+    # The consumer's build wrote nothing into this source tree (a source priv/ would be
+    # mirrored into every build, over NIFs that running VMs have mapped).
+    refute File.exists?(Path.join(@root, "priv"))
   end
 end
