@@ -377,16 +377,15 @@ defmodule DSPex.Python.OrphanDetector do
     log_outcome(detail)
 
     Telemetry.execute([:dspex_process, :orphan, :terminated], %{count: 1}, %{
-      pid: describe_pid(entry),
-      reason: reason_of(entry),
+      pid: field(entry, :pid),
+      reason: field(entry, :reason),
       outcome: outcome
     })
   end
 
-  defp describe_pid(%{pid: pid}), do: pid
-  defp describe_pid(_), do: nil
-  defp reason_of(%{reason: reason}), do: reason
-  defp reason_of(_), do: nil
+  # Request entries may be anything a caller passed: read them defensively.
+  defp field(%{} = entry, key), do: Map.get(entry, key)
+  defp field(_entry, _key), do: nil
 
   # Identity is pid *and* start time: an entry without both is refused.
   defp vet_request(%{pid: pid, start_time: wanted_start} = entry, current, by_pid)
@@ -431,8 +430,12 @@ defmodule DSPex.Python.OrphanDetector do
     Logger.info("DSPex orphan cleanup: #{describe(entry)} #{result}")
   end
 
-  defp describe(%{pid: pid}), do: "pid #{inspect(pid)}"
-  defp describe(other), do: inspect(other)
+  defp describe(entry) do
+    case field(entry, :pid) do
+      nil -> inspect(entry)
+      pid -> "pid #{inspect(pid)}"
+    end
+  end
 
   defp detect(opts) do
     registries = ProcessRegistry.running_resources()
