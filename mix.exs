@@ -75,7 +75,7 @@ defmodule Mix.Tasks.Compile.DspexNative do
   end
 end
 
-defmodule DspexProcess.MixProject do
+defmodule DSPexProcess.MixProject do
   use Mix.Project
 
   def project do

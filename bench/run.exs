@@ -5,7 +5,8 @@
 # the reference's ETS registry and its pgrep scan and serial kill loop. Every process the
 # benchmark starts carries a marker unique to this run and is ended before it exits.
 
-alias DSPex.Python.{OrphanDetector, ProcessRegistry, Worker}
+alias DSPex.Python.{OrphanDetector, ProcessRegistry}
+alias DSPexProcess.Worker
 require Logger
 
 defmodule Bench do
@@ -84,12 +85,12 @@ defmodule Bench do
   def alive?({pid, start}) do
     match?(
       [%{state: s}] when s not in [:zombie, :dead],
-      DSPex.Python.Native.process_metrics([{pid, start}])
+      DSPexProcess.Native.process_metrics([{pid, start}])
     )
   end
 
   def start_time(pid) do
-    case DSPex.Python.Native.process_start_time(pid) do
+    case DSPexProcess.Native.process_start_time(pid) do
       {:ok, start} -> start
       _ -> -1
     end
@@ -412,7 +413,7 @@ rows =
         end)
       end)
 
-    ours_long = Enum.count(long, &(inspect(&1) =~ "DSPex.Python.Native"))
+    ours_long = Enum.count(long, &(inspect(&1) =~ "DSPexProcess.Native"))
     true = report.found == count and report.terminated == count and report.errors == 0
     false = Enum.any?(pids, &Bench.alive?/1)
     serial = serial_10 / 10 * count

@@ -9,7 +9,8 @@
 # It works on a private copy of the bridge under a unique name, so it only ever sees and
 # signals the processes it started itself, even on a shared machine.
 
-alias DSPex.Python.{OrphanDetector, Worker}
+alias DSPex.Python.OrphanDetector
+alias DSPexProcess.Worker
 
 defmodule Demo do
   def say(text), do: IO.puts("\n== " <> text)
@@ -22,18 +23,18 @@ defmodule Demo do
   workers =
     for i <- 1..3 do
       {:ok, w} =
-        DSPex.Python.Worker.start_link(
+        DSPexProcess.Worker.start_link(
           worker_id: "peer_worker_\#{i}",
           script: script,
           args: ["--linger"],
           guard: false
         )
 
-      {:ok, "pong"} = DSPex.Python.Worker.call(w, "ping")
+      {:ok, "pong"} = DSPexProcess.Worker.call(w, "ping")
       w
     end
 
-  IO.puts("READY \#{System.pid()} " <> Enum.map_join(workers, " ", &DSPex.Python.Worker.os_pid/1))
+  IO.puts("READY \#{System.pid()} " <> Enum.map_join(workers, " ", &DSPexProcess.Worker.os_pid/1))
   IO.read(:stdio, :line)
   """
 
@@ -56,7 +57,7 @@ defmodule Demo do
     receive do
       {^port, {:data, {:eol, "READY " <> rest}}} ->
         [beam | workers] = rest |> String.split() |> Enum.map(&String.to_integer/1)
-        {:ok, start} = DSPex.Python.Native.process_start_time(beam)
+        {:ok, start} = DSPexProcess.Native.process_start_time(beam)
         {port, {beam, start}, workers}
 
       {^port, {:data, _other}} ->
@@ -71,7 +72,7 @@ defmodule Demo do
 
   # The demo's own second VM, killed only while its pid still names it.
   def kill9(port, os_pid, start) do
-    {:ok, ^start} = DSPex.Python.Native.process_start_time(os_pid)
+    {:ok, ^start} = DSPexProcess.Native.process_start_time(os_pid)
     {_, 0} = System.cmd("kill", ["-9", Integer.to_string(os_pid)])
     receive do: ({^port, {:exit_status, _}} -> :ok), after: (10_000 -> raise "still alive")
   end

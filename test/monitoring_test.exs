@@ -1,12 +1,13 @@
-defmodule DSPex.Python.MonitoringTest do
+defmodule DSPexProcess.MonitoringTest do
   # Beyond the reference: continuous detection, worker metrics, telemetry events, the
   # cluster view over real :peer nodes, and resource limits for workers.
   use ExUnit.Case, async: false
 
   import ExUnit.CaptureLog
-  import DSPex.Test.OSProcess
+  import DSPexProcess.Test.OSProcess
 
-  alias DSPex.Python.{OrphanDetector, OrphanMonitor, ProcessRegistry, Worker}
+  alias DSPex.Python.{OrphanDetector, ProcessRegistry}
+  alias DSPexProcess.{OrphanMonitor, Worker}
 
   @moduletag timeout: 120_000
 

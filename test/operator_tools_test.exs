@@ -1,14 +1,15 @@
-defmodule DSPex.Python.OperatorToolsTest do
+defmodule DSPexProcess.OperatorToolsTest do
   # The PDEATHSIG guard, the dspex-proc CLI, kill_python.sh, the mix task and the demo,
   # all against real BEAMs and real processes. Not async: several BEAMs per test.
   use ExUnit.Case, async: false
 
   import ExUnit.CaptureIO
   import ExUnit.CaptureLog
-  import DSPex.Test.OSProcess
+  import DSPexProcess.Test.OSProcess
 
-  alias DSPex.Python.{OrphanDetector, Worker}
-  alias DSPex.Test.PeerBeam
+  alias DSPex.Python.OrphanDetector
+  alias DSPexProcess.Worker
+  alias DSPexProcess.Test.PeerBeam
 
   @moduletag timeout: 180_000
   @root Path.expand("..", __DIR__)

@@ -1,13 +1,14 @@
-defmodule DSPex.Python.OrphanDetectorTest do
+defmodule DSPexProcess.OrphanDetectorTest do
   # Not async: these tests start BEAMs and dozens of processes; running them one at a time
   # keeps the machine's load, and so the timings they rely on, predictable.
   use ExUnit.Case, async: false
 
   import ExUnit.CaptureLog
-  import DSPex.Test.OSProcess
+  import DSPexProcess.Test.OSProcess
 
-  alias DSPex.Python.{OrphanDetector, ProcessRegistry, Worker}
-  alias DSPex.Test.PeerBeam
+  alias DSPex.Python.{OrphanDetector, ProcessRegistry}
+  alias DSPexProcess.Worker
+  alias DSPexProcess.Test.PeerBeam
 
   @moduletag timeout: 120_000
 
@@ -320,7 +321,7 @@ defmodule DSPex.Python.OrphanDetectorTest do
 
     test "the native terminator refuses this BEAM and invalid pids" do
       own = String.to_integer(System.pid())
-      {:ok, start} = DSPex.Python.Native.process_start_time(own)
+      {:ok, start} = DSPexProcess.Native.process_start_time(own)
 
       # This BEAM's pid is refused whatever start time comes with it.
       assert [
@@ -329,7 +330,7 @@ defmodule DSPex.Python.OrphanDetectorTest do
                {:error, :invalid_pid},
                {:error, :refused_self}
              ] =
-               DSPex.Python.Termination.run(
+               DSPexProcess.Termination.run(
                  [{own, start}, {1, 0}, {-5, 0}, {own, start + 1}],
                  grace_ms: 100,
                  kill_wait_ms: 100

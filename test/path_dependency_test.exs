@@ -1,4 +1,4 @@
-defmodule DSPex.Python.PathDependencyTest do
+defmodule DSPexProcess.PathDependencyTest do
   # The README says the library works from another mix project through `path:`. This builds
   # such a project in a temp folder and uses the registry and the detector from it.
   use ExUnit.Case, async: false
@@ -29,7 +29,7 @@ defmodule DSPex.Python.PathDependencyTest do
     :ok = DSPex.Python.ProcessRegistry.register_worker("w", self(), nil, "fp")
     IO.puts("STATS " <> inspect(DSPex.Python.ProcessRegistry.get_stats()))
     IO.puts("ORPHANS " <> inspect(DSPex.Python.OrphanDetector.find_orphaned_processes(pattern: "dspex_consumer_none.py")))
-    IO.puts("CLI " <> to_string(File.exists?(DSPex.Python.Worker.guard_executable())))
+    IO.puts("CLI " <> to_string(File.exists?(DSPexProcess.Worker.guard_executable())))
     """
 
     {out, status} =

@@ -1,8 +1,8 @@
-defmodule DSPex.Python.ProcessRegistryTest do
+defmodule DSPexProcess.ProcessRegistryTest do
   use ExUnit.Case, async: true
 
   import ExUnit.CaptureLog
-  import DSPex.Test.OSProcess
+  import DSPexProcess.Test.OSProcess
 
   alias DSPex.Python.ProcessRegistry
 

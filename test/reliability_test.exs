@@ -1,14 +1,15 @@
-defmodule DSPex.Python.ReliabilityTest do
+defmodule DSPexProcess.ReliabilityTest do
   # The battery behind the README's guarantees: randomized protection, PID reuse for real,
   # hostile input, other users, stress, stubborn and vanishing targets, NIF load failure.
   # Not async: BEAMs, hundreds of processes, and timing-sensitive assertions.
   use ExUnit.Case, async: false
 
   import ExUnit.CaptureLog
-  import DSPex.Test.OSProcess
+  import DSPexProcess.Test.OSProcess
 
-  alias DSPex.Python.{Native, OrphanDetector, ProcessRegistry, Termination, Worker}
-  alias DSPex.Test.PeerBeam
+  alias DSPex.Python.{OrphanDetector, ProcessRegistry}
+  alias DSPexProcess.{Native, Termination, Worker}
+  alias DSPexProcess.Test.PeerBeam
 
   @moduletag timeout: 300_000
 
@@ -567,7 +568,7 @@ defmodule DSPex.Python.ReliabilityTest do
 
         Code.eval_string(~S[
           try do
-            DSPex.Python.Native.registry_new()
+            DSPexProcess.Native.registry_new()
           rescue
             e -> IO.puts("ERROR " <> Exception.message(e))
           end

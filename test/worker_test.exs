@@ -1,9 +1,10 @@
-defmodule DSPex.Python.WorkerTest do
+defmodule DSPexProcess.WorkerTest do
   use ExUnit.Case, async: true
 
-  import DSPex.Test.OSProcess
+  import DSPexProcess.Test.OSProcess
 
-  alias DSPex.Python.{ProcessRegistry, Worker}
+  alias DSPex.Python.ProcessRegistry
+  alias DSPexProcess.Worker
 
   setup do
     {script, pattern} = unique_bridge("worker")

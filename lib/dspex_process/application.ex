@@ -7,7 +7,7 @@ defmodule DSPexProcess.Application do
     * `:start_registry` - start the default registry (default `true`). Set it to `false`
       to put `DSPex.Python.ProcessRegistry` in your own supervision tree instead.
     * `:registry` - options for the default registry (see `DSPex.Python.ProcessRegistry`).
-    * `:orphan_monitor` - options for a `DSPex.Python.OrphanMonitor` to start (periodic
+    * `:orphan_monitor` - options for a `DSPexProcess.OrphanMonitor` to start (periodic
       detection, optionally cleanup). Not started unless set.
   """
   use Application
@@ -22,7 +22,7 @@ defmodule DSPexProcess.Application do
     monitor =
       case Application.get_env(:dspex_process, :orphan_monitor) do
         nil -> []
-        opts -> [{DSPex.Python.OrphanMonitor, opts}]
+        opts -> [{DSPexProcess.OrphanMonitor, opts}]
       end
 
     children = registry ++ monitor

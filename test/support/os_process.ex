@@ -1,4 +1,4 @@
-defmodule DSPex.Test.OSProcess do
+defmodule DSPexProcess.Test.OSProcess do
   @moduledoc """
   Real OS processes for tests. Every process is started by the test that uses it, owned by
   a Port (so it exits on stdin EOF when the port closes) and never signalled by anything
@@ -79,7 +79,7 @@ defmodule DSPex.Test.OSProcess do
     dir = Path.join(System.tmp_dir!(), "dspex_process_test")
     File.mkdir_p!(dir)
     path = Path.join(dir, name)
-    File.cp!(DSPex.Python.Worker.default_script(), path)
+    File.cp!(DSPexProcess.Worker.default_script(), path)
     {path, name}
   end
 
@@ -115,7 +115,7 @@ defmodule DSPex.Test.OSProcess do
     leftovers = DSPex.Python.OrphanDetector.classify_processes(pattern: pattern)
 
     # The pattern is unique to the test, so another user's match is the test's own too.
-    DSPex.Python.Termination.run(Enum.map(leftovers, &{&1.pid, &1.start_time}),
+    DSPexProcess.Termination.run(Enum.map(leftovers, &{&1.pid, &1.start_time}),
       grace_ms: 0,
       kill_wait_ms: 1_000,
       allow_other_users: true
@@ -222,15 +222,15 @@ defmodule DSPex.Test.OSProcess do
   """
   def leak_worker(script, args \\ []) do
     {:ok, w} =
-      DSPex.Python.Worker.start(
+      DSPexProcess.Worker.start(
         worker_id: {:leak, System.unique_integer([:positive])},
         script: script,
         python: python(),
         args: ["--linger" | args]
       )
 
-    {:ok, "pong"} = DSPex.Python.Worker.call(w, "ping")
-    info = DSPex.Python.Worker.info(w)
+    {:ok, "pong"} = DSPexProcess.Worker.call(w, "ping")
+    info = DSPexProcess.Worker.info(w)
     Process.exit(w, :kill)
     true = eventually(fn -> not port_open?(info.os_pid) end)
     info

@@ -1,11 +1,11 @@
-defmodule DSPex.Test.PeerBeam do
+defmodule DSPexProcess.Test.PeerBeam do
   @moduledoc """
   A second, real BEAM (an `elixir` OS process loading this application) that starts
   workers, reports their pids, and waits. The test can stop it politely (close its stdin)
   or `kill -9` it to make real orphans.
   """
 
-  import DSPex.Test.OSProcess
+  import DSPexProcess.Test.OSProcess
 
   defstruct [:port, :os_pid, :start_time, :worker_pids]
 
@@ -19,7 +19,7 @@ defmodule DSPex.Test.PeerBeam do
   workers =
     for i <- 1..String.to_integer(count) do
       {:ok, w} =
-        DSPex.Python.Worker.start_link(
+        DSPexProcess.Worker.start_link(
           worker_id: "peer_\#{i}",
           script: script,
           python: python,
@@ -30,8 +30,8 @@ defmodule DSPex.Test.PeerBeam do
       w
     end
 
-  Enum.each(workers, fn w -> {:ok, "pong"} = DSPex.Python.Worker.call(w, "ping") end)
-  pids = Enum.map(workers, &DSPex.Python.Worker.os_pid/1)
+  Enum.each(workers, fn w -> {:ok, "pong"} = DSPexProcess.Worker.call(w, "ping") end)
+  pids = Enum.map(workers, &DSPexProcess.Worker.os_pid/1)
   IO.puts("READY \#{System.pid()} \#{Enum.join(pids, " ")}")
   IO.read(:stdio, :line)
   Enum.each(workers, &GenServer.stop/1)

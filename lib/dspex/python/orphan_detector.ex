@@ -18,7 +18,7 @@ defmodule DSPex.Python.OrphanDetector do
   | `:unmanaged` | unmarked, its parent is alive and not PID 1 or a known subreaper (e.g. started from a shell) | protected unless `include_unmanaged: true` |
   | `:orphan` | marker names a dead BEAM (`:owner_dead`); this BEAM's own but unregistered and older than `:min_age_ms` (`:worker_gone`); unmarked and re-parented to PID 1 or a subreaper (`:reparented`) | terminated |
 
-  Markers are environment variables that `DSPex.Python.Worker` stamps on each Python
+  Markers are environment variables that `DSPexProcess.Worker` stamps on each Python
   process (the owner BEAM's pid and start time, a run id, the worker id, the fingerprint),
   read back from `/proc/PID/environ`. They make ownership outlive the owner's memory: a
   BEAM started after a crash, or the CLI, can tell whose worker a process is.
@@ -64,7 +64,8 @@ defmodule DSPex.Python.OrphanDetector do
 
   require Logger
 
-  alias DSPex.Python.{Native, ProcessRegistry, Telemetry, Termination}
+  alias DSPex.Python.ProcessRegistry
+  alias DSPexProcess.{Native, Telemetry, Termination}
 
   @default_pattern "dspy_bridge.py"
   @reasons [:owner_dead, :worker_gone, :reparented, :unmanaged]

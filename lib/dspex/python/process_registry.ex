@@ -48,7 +48,7 @@ defmodule DSPex.Python.ProcessRegistry do
   use GenServer
   require Logger
 
-  alias DSPex.Python.Native
+  alias DSPexProcess.Native
 
   @default_name __MODULE__
   @default_interval 30_000
@@ -296,7 +296,7 @@ defmodule DSPex.Python.ProcessRegistry do
   defp remove_dead(registry) do
     removed = Native.registry_remove_dead(resource!(registry))
 
-    DSPex.Python.Telemetry.execute(
+    DSPexProcess.Telemetry.execute(
       [:dspex_process, :registry, :sweep],
       %{removed: length(removed)},
       %{

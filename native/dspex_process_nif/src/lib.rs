@@ -11,4 +11,4 @@ pub(crate) fn atom(env: Env, name: &str) -> Atom {
     Atom::from_str(env, name).expect("names are short static ASCII")
 }
 
-rustler::init!("Elixir.DSPex.Python.Native");
+rustler::init!("Elixir.DSPexProcess.Native");

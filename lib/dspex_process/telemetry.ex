@@ -1,4 +1,4 @@
-defmodule DSPex.Python.Telemetry do
+defmodule DSPexProcess.Telemetry do
   @moduledoc """
   `:telemetry` events of the library, emitted when the host application has `:telemetry`
   loaded (no dependency is declared: the call is made only when the module is present).

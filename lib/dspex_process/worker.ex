@@ -1,4 +1,4 @@
-defmodule DSPex.Python.Worker do
+defmodule DSPexProcess.Worker do
   @moduledoc """
   Owns one Python worker process through a Port, and keeps the registry and the process's
   ownership markers true for its whole life.
@@ -34,14 +34,15 @@ defmodule DSPex.Python.Worker do
 
   ## Example
 
-      {:ok, worker} = DSPex.Python.Worker.start_link(worker_id: "w1")
-      {:ok, "pong"} = DSPex.Python.Worker.call(worker, "ping")
+      {:ok, worker} = DSPexProcess.Worker.start_link(worker_id: "w1")
+      {:ok, "pong"} = DSPexProcess.Worker.call(worker, "ping")
   """
 
   use GenServer
   require Logger
 
-  alias DSPex.Python.{Native, ProcessRegistry}
+  alias DSPex.Python.ProcessRegistry
+  alias DSPexProcess.Native
 
   @type option ::
           {:worker_id, term()}
@@ -55,7 +56,7 @@ defmodule DSPex.Python.Worker do
           | {:guard, boolean() | atom()}
           | {:limits, [address_space: pos_integer(), open_files: pos_integer(), nice: -20..19]}
 
-  @doc "A child spec whose id is `{DSPex.Python.Worker, worker_id}`."
+  @doc "A child spec whose id is `{DSPexProcess.Worker, worker_id}`."
   @spec child_spec([option()]) :: Supervisor.child_spec()
   def child_spec(opts) do
     %{
@@ -263,7 +264,7 @@ defmodule DSPex.Python.Worker do
     if state.port, do: safe_close(state.port)
 
     [outcome] =
-      DSPex.Python.Termination.run([{state.os_pid, state.start_time}],
+      DSPexProcess.Termination.run([{state.os_pid, state.start_time}],
         grace_ms: state.grace,
         kill_wait_ms: 1_000
       )
@@ -274,7 +275,7 @@ defmodule DSPex.Python.Worker do
 
       {:error, error} ->
         Logger.warning(
-          "DSPex.Python.Worker #{inspect(state.id)} could not end its python process " <>
+          "DSPexProcess.Worker #{inspect(state.id)} could not end its python process " <>
             "#{state.os_pid}: #{inspect(error)}"
         )
     end
@@ -328,7 +329,7 @@ defmodule DSPex.Python.Worker do
     end
 
     unless Keyword.has_key?(opts, :worker_id) do
-      raise ArgumentError, "DSPex.Python.Worker needs a :worker_id"
+      raise ArgumentError, "DSPexProcess.Worker needs a :worker_id"
     end
 
     opts =

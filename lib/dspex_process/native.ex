@@ -1,4 +1,4 @@
-defmodule DSPex.Python.Native do
+defmodule DSPexProcess.Native do
   # The NIF boundary. Every function here is replaced by its Rust twin when the library
   # loads; the Elixir bodies only run when it did not, and then say why.
   @moduledoc false
@@ -48,7 +48,7 @@ defmodule DSPex.Python.Native do
   def load_error, do: :persistent_term.get({__MODULE__, :load_error}, nil)
 
   defp not_loaded do
-    raise DSPex.Python.NifNotLoadedError,
+    raise DSPexProcess.NifNotLoadedError,
       message: load_error() || "the dspex_process NIF is not loaded"
   end
 
@@ -80,7 +80,7 @@ defmodule DSPex.Python.Native do
   def process_start_time(_pid), do: not_loaded()
 end
 
-defmodule DSPex.Python.NifNotLoadedError do
+defmodule DSPexProcess.NifNotLoadedError do
   @moduledoc "Raised when a function needs the native library and it failed to load."
   defexception [:message]
 end

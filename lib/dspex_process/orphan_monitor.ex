@@ -1,4 +1,4 @@
-defmodule DSPex.Python.OrphanMonitor do
+defmodule DSPexProcess.OrphanMonitor do
   @moduledoc """
   Continuous orphan detection: a supervised process that looks for orphans periodically,
   logs them, and optionally ends them.
@@ -6,7 +6,7 @@ defmodule DSPex.Python.OrphanMonitor do
   Off by default. Start it in your tree:
 
       children = [
-        {DSPex.Python.OrphanMonitor, interval: 60_000, auto_cleanup: true}
+        {DSPexProcess.OrphanMonitor, interval: 60_000, auto_cleanup: true}
       ]
 
   or let the application start it: `config :dspex_process, orphan_monitor: [interval: 60_000]`.
@@ -19,7 +19,7 @@ defmodule DSPex.Python.OrphanMonitor do
     * `:interval` - milliseconds between checks (default `60_000`).
     * `:auto_cleanup` - end the orphans found (default `false`: only log them).
     * `:detector` - `DSPex.Python.OrphanDetector` options for the checks (pattern, grace...).
-    * `:name` - default `DSPex.Python.OrphanMonitor`.
+    * `:name` - default `DSPexProcess.OrphanMonitor`.
   """
 
   use GenServer
@@ -107,7 +107,7 @@ defmodule DSPex.Python.OrphanMonitor do
 
     if orphans != [] do
       Logger.warning(
-        "DSPex.Python.OrphanMonitor found #{length(orphans)} orphan(s): " <>
+        "DSPexProcess.OrphanMonitor found #{length(orphans)} orphan(s): " <>
           Enum.map_join(orphans, ", ", &"#{&1.pid} (#{&1.reason})")
       )
     end
@@ -119,7 +119,7 @@ defmodule DSPex.Python.OrphanMonitor do
     %{checked_at: System.os_time(:second), orphans: orphans, cleanup: cleanup}
   rescue
     error ->
-      Logger.error("DSPex.Python.OrphanMonitor check failed: #{Exception.message(error)}")
+      Logger.error("DSPexProcess.OrphanMonitor check failed: #{Exception.message(error)}")
 
       %{
         checked_at: System.os_time(:second),

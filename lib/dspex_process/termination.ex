@@ -1,10 +1,10 @@
-defmodule DSPex.Python.Termination do
+defmodule DSPexProcess.Termination do
   # Runs the native terminator and waits for its answer in the calling process. The
   # terminator works on an OS thread of its own, so a grace period of seconds never holds a
   # BEAM scheduler, normal or dirty.
   @moduledoc false
 
-  alias DSPex.Python.Native
+  alias DSPexProcess.Native
 
   @type target :: {integer(), non_neg_integer()}
   @type outcome ::
