@@ -47,9 +47,17 @@ defmodule DSPexProcess.Native do
   @doc false
   def load_error, do: :persistent_term.get({__MODULE__, :load_error}, nil)
 
+  # Each stub's body. `:erlang.nif_error/1` is how a NIF stub fails: it raises like
+  # `:erlang.error/1`, and Dialyzer knows such stubs are replaced when the library loads
+  # (a plain `raise` would make every stub, and every caller, "no local return"). The
+  # reason is an exception struct, so callers still rescue a NifNotLoadedError that says
+  # why the load failed.
   defp not_loaded do
-    raise DSPexProcess.NifNotLoadedError,
-      message: load_error() || "the dspex_process NIF is not loaded"
+    :erlang.nif_error(
+      DSPexProcess.NifNotLoadedError.exception(
+        message: load_error() || "the dspex_process NIF is not loaded"
+      )
+    )
   end
 
   # Registry

@@ -189,10 +189,7 @@ defmodule DSPexProcess.Worker do
     # port program proves the recorded identity is our Python's, not a recycled pid's.
     with :ok <-
            ProcessRegistry.register_worker(id, self(), os_pid, fingerprint, opts[:registry]),
-         true <-
-           Native.is_port_child(os_pid) ||
-             (ProcessRegistry.unregister_worker(id, opts[:registry]) &&
-                {:error, :not_a_port_child}),
+         :ok <- check_port_child(os_pid, id, opts[:registry]),
          {:ok, %{python_start_time: start}} <-
            ProcessRegistry.get_worker_info(id, opts[:registry]) do
       {:ok,
@@ -210,6 +207,15 @@ defmodule DSPexProcess.Worker do
       {:error, reason} ->
         Port.close(port)
         {:stop, {:registration_failed, reason}}
+    end
+  end
+
+  defp check_port_child(os_pid, id, registry) do
+    if Native.is_port_child(os_pid) do
+      :ok
+    else
+      :ok = ProcessRegistry.unregister_worker(id, registry)
+      {:error, :not_a_port_child}
     end
   end
 
@@ -374,7 +380,7 @@ defmodule DSPexProcess.Worker do
   @limits [address_space: "--rlimit-as", open_files: "--rlimit-nofile", nice: "--nice"]
 
   defp limits!(limits) do
-    unless Keyword.keyword?(limits), do: check!(false, :limits, limits)
+    unless Keyword.keyword?(limits), do: invalid!(:limits, limits)
 
     for {key, value} <- limits do
       ok? =
@@ -410,8 +416,10 @@ defmodule DSPexProcess.Worker do
   end
 
   defp check!(true, _key, _value), do: :ok
+  defp check!(false, key, value), do: invalid!(key, value)
 
-  defp check!(false, key, value) do
+  @spec invalid!(atom(), term()) :: no_return()
+  defp invalid!(key, value) do
     raise ArgumentError, "invalid value for #{inspect(key)}: #{inspect(value)}"
   end
 end
