@@ -16,6 +16,8 @@ mod identity;
 pub mod markers;
 pub mod metrics;
 mod proc_facts;
+#[cfg(test)]
+mod proptests;
 mod registry;
 pub mod scan;
 pub mod terminate;
