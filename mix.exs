@@ -21,6 +21,11 @@ defmodule Mix.Tasks.Compile.DspexNative do
   @sources [{"python/dspy_bridge.py", "python"}]
 
   @impl true
+  def manifests, do: [manifest()]
+
+  defp manifest, do: Path.join(Mix.Project.manifest_path(), "compile.dspex_native")
+
+  @impl true
   def run(_args) do
     root = Path.dirname(Mix.Project.project_file())
     cargo = System.find_executable("cargo") || Mix.raise(missing_cargo())
@@ -36,16 +41,54 @@ defmodule Mix.Tasks.Compile.DspexNative do
 
     target = Path.join(System.get_env("CARGO_TARGET_DIR", Path.join(root, "target")), "release")
 
+    sources =
+      Enum.map(@artifacts, fn {file, _} -> Path.join(target, file) end) ++
+        Enum.map(@sources, fn {file, _} -> Path.join(root, file) end)
+
     installed =
-      for {source, folder} <-
-            Enum.map(@artifacts, fn {file, folder} -> {Path.join(target, file), folder} end) ++
-              Enum.map(@sources, fn {file, folder} -> {Path.join(root, file), folder} end) do
-        dest = Path.join([Mix.Project.app_path(), "priv", folder])
-        File.mkdir_p!(dest)
-        install(source, Path.join(dest, Path.basename(source)))
+      for {source, dest} <- Enum.zip(sources, installed_paths()) do
+        File.mkdir_p!(Path.dirname(dest))
+        install(source, dest)
       end
 
+    # What this task put into priv, for `clean/0`.
+    File.mkdir_p!(Path.dirname(manifest()))
+    File.write!(manifest(), Enum.join(installed_paths(), "\n"))
+
     if Enum.any?(installed), do: {:ok, []}, else: {:noop, []}
+  end
+
+  @doc """
+  Removes what `run/1` installed into the application's priv (and priv's folders, when
+  that leaves them empty). `mix clean` calls it; cargo's own build cache stays.
+  """
+  @impl true
+  def clean do
+    recorded =
+      case File.read(manifest()) do
+        {:ok, text} -> String.split(text, "\n", trim: true)
+        {:error, _} -> []
+      end
+
+    paths = Enum.uniq(installed_paths() ++ recorded)
+    Enum.each(paths, &File.rm/1)
+
+    # Deepest first; File.rmdir only removes an empty folder.
+    paths
+    |> Enum.flat_map(&[Path.dirname(&1), Path.dirname(Path.dirname(&1))])
+    |> Enum.uniq()
+    |> Enum.sort_by(&(-String.length(&1)))
+    |> Enum.each(&File.rmdir/1)
+
+    File.rm(manifest())
+    :ok
+  end
+
+  # Where each artifact and source file goes, in the order of @artifacts ++ @sources.
+  defp installed_paths do
+    for {file, folder} <- @artifacts ++ @sources do
+      Path.join([Mix.Project.app_path(), "priv", folder, Path.basename(file)])
+    end
   end
 
   defp install(source, dest) do
@@ -86,8 +129,33 @@ defmodule DSPexProcess.MixProject do
       start_permanent: Mix.env() == :prod,
       compilers: [:dspex_native | Mix.compilers()],
       elixirc_paths: elixirc_paths(Mix.env()),
-      deps: []
+      deps: [],
+      description: description(),
+      package: package(),
+      docs: docs()
     ]
+  end
+
+  defp description do
+    "Keeps Elixir apps from leaking the OS processes (Python workers) they start through " <>
+      "Ports: a registry by pid and start time that survives registry crashes, ownership " <>
+      "markers, orphan detection and safe parallel termination. Rust NIF and CLI."
+  end
+
+  # What a user who fetches the package needs to build it: the Elixir sources, the whole
+  # Rust workspace (the compiler task runs cargo), the bridge stand-in and the shell tool.
+  # test/package_test.exs checks this list and builds a copy of exactly these files.
+  defp package do
+    [
+      licenses: ["Apache-2.0"],
+      links: %{"DSPex (the design this follows)" => "https://github.com/nshkrdotcom/DSPex"},
+      files: ~w(lib mix.exs .formatter.exs README.md LICENSE Cargo.toml Cargo.lock native
+                python kill_python.sh)
+    ]
+  end
+
+  defp docs do
+    [main: "readme", extras: ["README.md", "LICENSE"]]
   end
 
   def application do
