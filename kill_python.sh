@@ -31,7 +31,9 @@ Usage: kill_python.sh [options]
   --dry-run       show what would be ended; signal nothing
   --yes, -y       do not ask (manual mode refuses without a terminal unless given)
   --node NAME     ask this live node's OrphanDetector (distributed Erlang)
-  --cookie C      the node's cookie (with --node)
+  --cookie C      the node's cookie (with --node); it stays in this script's own
+                  command line, so prefer --cookie-file
+  --cookie-file F read the node's cookie from file F (with --node)
   --manual        manual mode even when dspex-proc is available
   --cli PATH      the dspex-proc executable to use (also: $DSPEX_PROC)
   --help, -h      this text
@@ -59,6 +61,12 @@ while [[ $# -gt 0 ]]; do
     --yes|-y) YES=1; shift ;;
     --node) need_value "$@"; NODE="$2"; shift 2 ;;
     --cookie) need_value "$@"; COOKIE="$2"; shift 2 ;;
+    --cookie-file)
+      need_value "$@"
+      [[ -r "$2" ]] || die_usage "cannot read the cookie file $2"
+      COOKIE="$(<"$2")"
+      [[ -n "$COOKIE" ]] || die_usage "the cookie file $2 is empty"
+      shift 2 ;;
     --manual) MANUAL=1; shift ;;
     --cli) need_value "$@"; CLI="$2"; shift 2 ;;
     --help|-h) usage; exit 0 ;;
@@ -77,14 +85,23 @@ if [[ -n "$NODE" ]]; then
   echo "🔧 Asking node $NODE for an intelligent cleanup..."
   name_flag="-sname"
   if [[ "$NODE" == *@*.* ]]; then name_flag="-name"; fi
-  cookie_args=()
-  if [[ -n "$COOKIE" ]]; then cookie_args=(-setcookie "$COOKIE"); fi
+  # The cookie never goes on erl's command line, which every user can read in
+  # /proc/PID/cmdline. erl reads it from $HOME/.erlang.cookie: for this run, HOME is a
+  # private folder (mode 0700, removed on exit) holding that file (mode 0400), written by
+  # a shell builtin (no process of its own). Without a cookie, erl uses the caller's.
+  erl_home="${HOME:-}"
+  if [[ -n "$COOKIE" ]]; then
+    erl_home="$(mktemp -d "${TMPDIR:-/tmp}/kill_python_cookie.XXXXXX")"
+    trap 'rm -rf "$erl_home"' EXIT
+    (umask 077 && printf '%s' "$COOKIE" >"$erl_home/.erlang.cookie")
+    chmod 400 "$erl_home/.erlang.cookie"
+  fi
   dry=false
   if [[ $DRY_RUN -eq 1 ]]; then dry=true; fi
   # Values reach the Erlang code through the environment, never through string splicing.
   set +e
-  KP_NODE="$NODE" KP_PATTERN="$PATTERN" KP_GRACE="$GRACE_MS" KP_DRY="$dry" \
-    erl -noshell -hidden "$name_flag" "kill_python_$$" "${cookie_args[@]}" -eval '
+  HOME="$erl_home" KP_NODE="$NODE" KP_PATTERN="$PATTERN" KP_GRACE="$GRACE_MS" KP_DRY="$dry" \
+    erl -noshell -hidden "$name_flag" "kill_python_$$" -eval '
       Node = list_to_atom(os:getenv("KP_NODE")),
       Opts = [{pattern, unicode:characters_to_binary(os:getenv("KP_PATTERN"))},
               {grace_ms, list_to_integer(os:getenv("KP_GRACE"))},

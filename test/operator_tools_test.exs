@@ -165,6 +165,70 @@ defmodule DSPexProcess.OperatorToolsTest do
     defp kill_python(args),
       do: System.cmd("bash", [Path.join(@root, "kill_python.sh") | args], stderr_to_stdout: true)
 
+    # Runs kill_python.sh and, every 2 ms until it exits, reads the command line and the
+    # environment of it and of every process under it. Returns
+    # {exit status, output, the script's pid, %{pid => [each distinct cmdline/environ seen]}}.
+    defp watch_kill_python(args) do
+      port =
+        Port.open({:spawn_executable, System.find_executable("bash")}, [
+          :binary,
+          :exit_status,
+          :stderr_to_stdout,
+          args: [Path.join(@root, "kill_python.sh") | args]
+        ])
+
+      {:os_pid, script_pid} = Port.info(port, :os_pid)
+      {status, out, seen} = watch(port, script_pid, "", %{})
+      {status, out, script_pid, seen}
+    end
+
+    defp watch(port, script_pid, out, seen) do
+      receive do
+        {^port, {:data, data}} ->
+          watch(port, script_pid, out <> data, seen)
+
+        {^port, {:exit_status, status}} ->
+          {status, out, seen}
+      after
+        2 ->
+          seen =
+            for pid <- [script_pid | descendants(script_pid)],
+                file <- ["cmdline", "environ"],
+                {:ok, text} <- [File.read("/proc/#{pid}/#{file}")],
+                reduce: seen do
+              acc -> Map.update(acc, pid, [text], &Enum.uniq([text | &1]))
+            end
+
+          watch(port, script_pid, out, seen)
+      end
+    end
+
+    defp descendants(pid) do
+      kids =
+        case File.read("/proc/#{pid}/task/#{pid}/children") do
+          {:ok, text} -> text |> String.split() |> Enum.map(&String.to_integer/1)
+          {:error, _} -> []
+        end
+
+      kids ++ Enum.flat_map(kids, &descendants/1)
+    end
+
+    # /proc/PID/cmdline of the script that watch_kill_python(args) runs.
+    defp script_cmdline(args) do
+      argv = [System.find_executable("bash"), Path.join(@root, "kill_python.sh") | args]
+      Enum.map_join(argv, &(&1 <> <<0>>))
+    end
+
+    defp printable(text), do: String.replace(text, <<0>>, " ")
+
+    # The erl that the script started: its node name holds the script's pid.
+    defp erl_processes(seen, script_pid) do
+      for {pid, texts} <- seen,
+          pid != script_pid,
+          Enum.any?(texts, &String.contains?(&1, "kill_python_#{script_pid}")),
+          do: {pid, texts}
+    end
+
     # Processes started from a shell, outside any BEAM's ports: what manual mode is for.
     defp start_by_hand(script, count, args) do
       for _ <- 1..count do
@@ -242,6 +306,63 @@ defmodule DSPexProcess.OperatorToolsTest do
         kill_python(["--pattern", pattern, "--node", "nobody_here@#{host}", "--cookie", cookie])
 
       assert out =~ "did not answer"
+      PeerBeam.stop(node)
+    end
+
+    test "node mode keeps the cookie off every command line (and out of erl's environment)",
+         %{script: script, pattern: pattern} do
+      sname = "kp_cookie_#{System.unique_integer([:positive])}"
+      cookie = "kp_secret_" <> Base.encode16(:crypto.strong_rand_bytes(12), case: :lower)
+      node = PeerBeam.start(script, 1, [], sname: sname, cookie: cookie)
+      {:ok, host} = :inet.gethostname()
+      target = ["--pattern", pattern, "--node", "#{sname}@#{host}", "--dry-run"]
+
+      cookie_file = Path.join(System.tmp_dir!(), "#{sname}.cookie")
+      File.write!(cookie_file, cookie <> "\n")
+      File.chmod!(cookie_file, 0o600)
+      on_exit(fn -> File.rm(cookie_file) end)
+
+      # With --cookie-file the cookie is on no command line at all, the script's included.
+      {status, out, script_pid, seen} =
+        watch_kill_python(target ++ ["--cookie-file", cookie_file])
+
+      assert status == 0, out
+      assert out =~ "Intelligent cleanup completed successfully"
+      erl = erl_processes(seen, script_pid)
+      assert erl != [], "erl was never seen: #{inspect(Map.keys(seen))}"
+
+      for {pid, texts} <- seen, text <- texts do
+        refute text =~ cookie, "the cookie is readable in /proc/#{pid}: #{printable(text)}"
+      end
+
+      # erl found it in a private HOME, which is gone with the script.
+      [home | _] =
+        for {_, texts} <- erl,
+            t <- texts,
+            [_, h] <- [Regex.run(~r/(?:^|\0)HOME=([^\0]*)/, t)],
+            do: h
+
+      assert Path.basename(home) =~ ~r/^kill_python_cookie\./
+      refute File.exists?(home)
+
+      # With --cookie the script's own argv holds it (the caller chose so; the script's
+      # forks, such as command substitutions, share that argv); erl's does not.
+      {status, out, script_pid, seen} = watch_kill_python(target ++ ["--cookie", cookie])
+      assert status == 0, out
+      erl = erl_processes(seen, script_pid)
+      assert erl != []
+      own_argv = script_cmdline(target ++ ["--cookie", cookie])
+
+      for {pid, texts} <- seen, text <- texts, text != own_argv do
+        refute text =~ cookie, "the cookie is readable in /proc/#{pid}: #{printable(text)}"
+      end
+
+      # (the exclusion above is the script's real command line)
+      assert own_argv in seen[script_pid]
+
+      # A wrong cookie is refused by the node: the script reports it cannot reach it.
+      {status, out, _, _} = watch_kill_python(target ++ ["--cookie", cookie <> "_wrong"])
+      assert status == 4, out
       PeerBeam.stop(node)
     end
 
