@@ -51,7 +51,7 @@ defmodule DSPexProcess.PackageTest do
   test "the package holds what a build needs and nothing of the build or the tests" do
     files = package_files()
     members = workspace_members()
-    assert length(members) == 3, "workspace members: #{inspect(members)}"
+    assert "native/dspex_process_nif" in members, "workspace members: #{inspect(members)}"
 
     needed =
       ~w(mix.exs README.md LICENSE Cargo.toml Cargo.lock kill_python.sh python/dspy_bridge.py) ++
@@ -62,7 +62,7 @@ defmodule DSPexProcess.PackageTest do
         )
 
     assert needed -- files == []
-    assert Enum.any?(files, &String.ends_with?(&1, "native/dspex_process_nif/src/lib.rs"))
+    assert "native/dspex_process_nif/src/lib.rs" in files
 
     for file <- files do
       parts = Path.split(file)
