@@ -1,6 +1,8 @@
 //! `dspex-proc`: the same detection and termination as the library, for shells, cron and
 //! systemd, with no BEAM running; and `exec`, the PR_SET_PDEATHSIG launcher for workers.
 
+mod guard;
+
 use clap::{Args, Parser, Subcommand};
 use dspex_process::classify::{self, Class, Detection, ProcLookup, Viewpoint};
 use dspex_process::markers::Markers;
@@ -52,6 +54,9 @@ enum Command {
     Cleanup(CleanupArgs),
     /// Run CMD in place (same pid) with a parent-death signal and optional limits.
     Exec(ExecArgs),
+    /// Guard a VM: read `+ PID START` / `- PID START` on stdin; when the VM dies, end what is
+    /// still registered. Started by the library as a port; not meant for shells.
+    Guard(guard::GuardArgs),
 }
 
 #[derive(Args)]
@@ -141,6 +146,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Exec(args) => exec(args),
+        Command::Guard(args) => guard::guard(args),
         Command::Status(sel) => status(&sel, cli.json),
         Command::Find(sel) => find(&sel, cli.json),
         Command::Cleanup(args) => cleanup(&args, cli.json),
