@@ -83,6 +83,10 @@ pub fn guard(args: GuardArgs) -> ExitCode {
         .iter()
         .filter(|(_, o)| matches!(o, Outcome::Graceful | Outcome::ForceKilled))
         .count();
+    if ended == 0 && failed.is_empty() {
+        // Everything was already gone (a normal stop ended it): nothing to tell.
+        return ExitCode::SUCCESS;
+    }
     say(&format!(
         "VM {pid} died; ended {ended} of {} registered process(es){}",
         outcomes.len(),
