@@ -354,6 +354,8 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
         .filter_map(|d| target_reason(d, sel.include_unmanaged).map(|r| (d, r)))
         .collect();
     let counts = class_counts(&detections);
+    // The CLI has no registry: what it protects are the workers of live VMs (foreign), never
+    // "active" ones, a word the library keeps for its own registered workers.
     let preserved = counts["active"] + counts["starting"] + counts["foreign"];
 
     if !targets.is_empty() && !args.dry_run && !args.yes && !confirm(targets.len()) {
@@ -405,8 +407,9 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
             "terminated": terminated,
             "errors": errors,
             "already_gone": already_gone,
-            "preserved_active": preserved,
-            "protected": counts,
+            "preserved_active": counts["active"],
+            "preserved_live_vm_workers": preserved,
+            "classes": counts,
             "dry_run": args.dry_run,
             "details": details,
         }));
@@ -425,7 +428,7 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
         println!("  - Found: {} orphaned processes", targets.len());
         println!("  - Terminated: {terminated} processes");
         println!("  - Errors: {errors}");
-        println!("  - Preserved: {preserved} active workers");
+        println!("  - Preserved: {preserved} workers of live VMs");
     }
     if errors > 0 {
         ExitCode::from(1)
