@@ -285,6 +285,17 @@ defmodule DSPexProcess.DropInTest do
     assert_untouched(ctx)
   end
 
+  test "SIGTERM to the VM stops it normally: every Python process ends before it exits", ctx do
+    client = boot(ctx)
+    {beam, beam_start} = client.beam
+    assert alive?(beam, beam_start)
+    {_, 0} = System.cmd("kill", ["-TERM", Integer.to_string(beam)])
+    assert_receive {port, {:exit_status, _}} when port == client.port, 30_000
+    for {_, id} <- client.pythons, do: refute(alive?(id))
+    assert_gone(client.guardian, "the OS guardian")
+    assert_untouched(ctx)
+  end
+
   test "kill -9 of the VM: the OS guardian ends every Python process, then exits", ctx do
     client = boot(ctx)
     {beam, beam_start} = client.beam
