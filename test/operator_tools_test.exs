@@ -306,6 +306,52 @@ defmodule DSPexProcess.OperatorToolsTest do
     end
   end
 
+  describe "mix dspex.cli" do
+    test "prints the CLI's path and installs it where kill_python.sh finds it on PATH",
+         %{script: script, pattern: pattern} do
+      {path, 0} = System.cmd("mix", ["dspex.cli"], env: [{"MIX_ENV", "test"}])
+      assert String.trim(path) == DSPexProcess.Worker.guard_executable()
+
+      dir = Path.join(System.tmp_dir!(), "dspex_cli_bin_#{System.unique_integer([:positive])}")
+      File.mkdir_p!(dir)
+      on_exit(fn -> File.rm_rf(dir) end)
+      {out, 0} = System.cmd("mix", ["dspex.cli", "install", dir], env: [{"MIX_ENV", "test"}])
+      assert out =~ "installed #{dir}/dspex-proc"
+      {version, 0} = System.cmd(Path.join(dir, "dspex-proc"), ["--version"])
+      assert version =~ "dspex-proc"
+
+      {out, status} =
+        System.cmd("mix", ["dspex.cli", "install", Path.join(dir, "missing")],
+          env: [{"MIX_ENV", "test"}],
+          stderr_to_stdout: true
+        )
+
+      assert status != 0
+      assert out =~ "is not a folder"
+
+      # A copy of the script far from any build, and no _build in the current folder:
+      # only PATH can lead it to the CLI.
+      copy = Path.join(dir, "kill_python.sh")
+      File.cp!(Path.join(@root, "kill_python.sh"), copy)
+      orphan_ids = orphans_of_a_dead_beam(script, 1)
+
+      {out, 0} =
+        System.cmd("bash", [copy, "--pattern", pattern, "--dry-run"],
+          cd: dir,
+          env: [{"PATH", dir <> ":" <> System.get_env("PATH")}],
+          stderr_to_stdout: true
+        )
+
+      assert out =~ "dspex-proc found"
+      assert out =~ "Found: 1 orphaned processes"
+
+      {_, 0} =
+        System.cmd(Path.join(dir, "dspex-proc"), ["cleanup", "--yes", "--pattern", pattern])
+
+      assert all_gone?(orphan_ids)
+    end
+  end
+
   describe "mix dspex.orphans" do
     test "status, find and cleanup inside the project", %{script: script, pattern: pattern} do
       orphan_ids = orphans_of_a_dead_beam(script, 2)

@@ -92,6 +92,29 @@ defmodule DSPexProcess.Guardian do
         }
   def status, do: GenServer.call(__MODULE__, :status)
 
+  @typedoc "A registration seen while watching (see `watch_registrations/0`)."
+  @type registration :: %{
+          os_pid: pos_integer(),
+          start_time: non_neg_integer(),
+          worker_id: term(),
+          owner: pid(),
+          lineage: [pid()]
+        }
+
+  @doc """
+  Starts recording every registration with an OS pid, in every registry of this VM, until
+  `stop_watching/1`. Used by `DSPexProcess.LeakCheck`.
+  """
+  @spec watch_registrations() :: reference()
+  def watch_registrations, do: GenServer.call(__MODULE__, :watch)
+
+  @doc """
+  Stops a recording and returns its registrations, oldest first. Each carries the owner's
+  `lineage`: its `$ancestors` and `$callers` at registration, as pids.
+  """
+  @spec stop_watching(reference()) :: [registration()]
+  def stop_watching(ref) when is_reference(ref), do: GenServer.call(__MODULE__, {:unwatch, ref})
+
   @doc """
   Validates guardian options; raises `ArgumentError` naming the option and the value.
   """
@@ -137,7 +160,9 @@ defmodule DSPexProcess.Guardian do
       os_pid: nil,
       # identity => {worker_id, due (monotonic ms)}
       pending: %{},
-      timer: nil
+      timer: nil,
+      # watch ref => registrations, newest first
+      watches: %{}
     }
 
     {:ok, start_os_guardian(state)}
@@ -149,10 +174,20 @@ defmodule DSPexProcess.Guardian do
      state}
   end
 
+  def handle_call(:watch, _from, state) do
+    ref = make_ref()
+    {:reply, ref, %{state | watches: Map.put(state.watches, ref, [])}}
+  end
+
+  def handle_call({:unwatch, ref}, _from, state) do
+    {seen, watches} = Map.pop(state.watches, ref, [])
+    {:reply, Enum.reverse(seen), %{state | watches: watches}}
+  end
+
   @impl true
-  def handle_info({:dspex_registered, pid, start}, state) do
-    tell(state, "+", [{pid, start}])
-    {:noreply, state}
+  def handle_info({:dspex_registered, {pid, start} = id, worker_id, owner, guarded}, state) do
+    if guarded, do: tell(state, "+", [id])
+    {:noreply, record(state, pid, start, worker_id, owner)}
   end
 
   def handle_info({:dspex_released, released}, state) do
@@ -218,6 +253,36 @@ defmodule DSPexProcess.Guardian do
     end
 
     :ok
+  end
+
+  defp record(%{watches: watches} = state, _pid, _start, _worker_id, _owner)
+       when map_size(watches) == 0,
+       do: state
+
+  defp record(state, pid, start, worker_id, owner) do
+    registration = %{
+      os_pid: pid,
+      start_time: start,
+      worker_id: worker_id,
+      owner: owner,
+      lineage: lineage(owner)
+    }
+
+    %{state | watches: Map.new(state.watches, fn {ref, seen} -> {ref, [registration | seen]} end)}
+  end
+
+  defp lineage(owner) do
+    case Process.info(owner, :dictionary) do
+      {:dictionary, dict} ->
+        for key <- [:"$ancestors", :"$callers"],
+            entry <- List.wrap(dict[key]),
+            pid = if(is_atom(entry), do: Process.whereis(entry), else: entry),
+            is_pid(pid),
+            do: pid
+
+      nil ->
+        []
+    end
   end
 
   # Releases

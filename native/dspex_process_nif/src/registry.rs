@@ -171,11 +171,15 @@ fn registry_register<'a>(
     let replaced = resource
         .registry
         .register(key, entry, |pid| env.monitor(&resource, pid).is_some());
-    if let (Some(identity), Some(guardian), true) = (python, guardian(), resource.guarded) {
+    if let (Some(identity), Some(guardian)) = (python, guardian()) {
+        // Unguarded registrations are told too, for leak checks; the guardian ends only
+        // guarded ones.
         let notice = (
             atoms::dspex_registered(),
-            identity.pid.as_raw(),
-            identity.start_time,
+            (identity.pid.as_raw(), identity.start_time),
+            worker_id,
+            elixir_pid,
+            resource.guarded,
         );
         let _ = env.send(&guardian, notice);
     }
