@@ -130,7 +130,12 @@ find_cli() {
     return 1
   fi
   local candidate
-  for candidate in "$SELF_DIR"/priv/bin/dspex-proc "$SELF_DIR"/_build/*/lib/dspex_process/priv/bin/dspex-proc; do
+  # The library's own build, then the project in the current folder (a consumer that has
+  # dspex_process as a dependency builds the CLI into its own _build), then a cargo build.
+  for candidate in "$SELF_DIR"/priv/bin/dspex-proc \
+    "$SELF_DIR"/_build/*/lib/dspex_process/priv/bin/dspex-proc \
+    "$PWD"/_build/*/lib/dspex_process/priv/bin/dspex-proc \
+    "$SELF_DIR"/target/release/dspex-proc; do
     [[ -x "$candidate" ]] && { echo "$candidate"; return 0; }
   done
   command -v dspex-proc 2>/dev/null
@@ -150,7 +155,11 @@ fi
 
 # --- manual mode -----------------------------------------------------------------------
 echo "Detecting orphaned Python processes..."
-echo "🔧 Manual cleanup mode (dspex-proc not available)"
+if [[ $MANUAL -eq 1 ]]; then
+  echo "🔧 Manual cleanup mode (requested with --manual)"
+else
+  echo "🔧 Manual cleanup mode (dspex-proc not found: build it with mix compile, or pass --cli PATH)"
+fi
 
 # Field N (counted from 1 like proc(5)) of /proc/PID/stat, counted past the command name.
 stat_field() {

@@ -129,6 +129,8 @@ defmodule DSPexProcess.MixProject do
       start_permanent: Mix.env() == :prod,
       compilers: [:dspex_native | Mix.compilers()],
       elixirc_paths: elixirc_paths(Mix.env()),
+      # DSPexProcess.LeakCheck is for the user's test suites, where ExUnit is loaded.
+      xref: [exclude: [ExUnit.Callbacks, ExUnit.AssertionError]],
       deps: [],
       description: description(),
       package: package(),

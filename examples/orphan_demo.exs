@@ -2,7 +2,8 @@
 #
 # 1. Starts 8 workers in this VM.
 # 2. Starts a second VM with 3 unguarded workers that linger after their stdin closes (as the
-#    old DSPex bridge did), then kills that VM with `kill -9`: its 3 workers are now orphans.
+#    old DSPex bridge did) and its guardian turned off (as a VM without this library), then
+#    kills that VM with `kill -9`: its 3 workers are now orphans, for the detector.
 # 3. Shows the status (degraded), the orphans, the cleanup report and the status again.
 # 4. Stops its own workers. Nothing it started is left running.
 #
@@ -18,6 +19,8 @@ defmodule Demo do
 
   @peer_code """
   script = System.fetch_env!("DEMO_SCRIPT")
+  # Its guardian off: this VM leaks as a VM without the library would.
+  Application.put_env(:dspex_process, :guardian, end_released: false, os_guardian: false)
   {:ok, _} = Application.ensure_all_started(:dspex_process)
 
   workers =
@@ -100,7 +103,10 @@ try do
 
   IO.puts("python pids: #{Enum.map_join(workers, " ", &Worker.os_pid/1)}")
 
-  Demo.say("Starting a second VM with 3 lingering, unguarded workers, then kill -9 of that VM")
+  Demo.say(
+    "Starting a second VM with 3 lingering, unguarded workers and no guardian, then kill -9 of that VM"
+  )
+
   {port, {beam, beam_start}, peer_workers} = Demo.start_peer(script)
   IO.puts("second VM #{beam}, its workers: #{Enum.join(peer_workers, " ")}")
   Demo.kill9(port, beam, beam_start)

@@ -18,6 +18,8 @@ Flags:
                          this is how its orphans were born
     --spawn-children N   fork N children into the same process group; they exit when
                          the parent is gone unless the parent lingers
+    --spin-on-eof        busy-loop at 100% CPU once stdin closes, as DSPex's real bridge
+                         does: its leak, for tests of an unmodified client
 """
 
 import argparse
@@ -34,6 +36,7 @@ def parse_args(argv):
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--linger", action="store_true")
     parser.add_argument("--spawn-children", type=int, default=0, metavar="N")
+    parser.add_argument("--spin-on-eof", action="store_true")
     # Extra arguments (e.g. a unique test marker) are accepted and ignored.
     args, _unknown = parser.parse_known_args(argv)
     return args
@@ -103,6 +106,9 @@ def main():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     children = spawn_children(args.spawn_children)
     serve(children)
+    if args.spin_on_eof:
+        while True:
+            pass
     if args.linger:
         while True:
             time.sleep(3600)

@@ -134,7 +134,7 @@ defmodule DSPexProcess.OperatorToolsTest do
       assert out =~ "Found: 3 orphaned processes"
       assert out =~ "Terminated: 3 processes"
       assert out =~ "Errors: 0"
-      assert out =~ "Preserved: 2 active workers"
+      assert out =~ "Preserved: 2 workers of live VMs"
 
       assert all_gone?(orphan_ids)
       assert all_alive?(live_ids)
@@ -267,11 +267,43 @@ defmodule DSPexProcess.OperatorToolsTest do
       assert out =~ "intelligent"
       assert out =~ "Found: 3 orphaned processes"
       assert out =~ "Terminated: 3 processes"
-      assert out =~ "Preserved: 2 active workers"
+      assert out =~ "Preserved: 2 workers of live VMs"
       assert out =~ "✅ Intelligent cleanup completed successfully"
       assert all_gone?(orphan_ids)
       assert all_alive?(live_ids)
       PeerBeam.stop(live)
+    end
+
+    test "run from a consumer project, it finds the dspex-proc that project built",
+         %{script: script, pattern: pattern} do
+      orphan_ids = orphans_of_a_dead_beam(script, 2)
+      tmp = Path.join(System.tmp_dir!(), "kp_consumer_#{System.unique_integer([:positive])}")
+      on_exit(fn -> File.rm_rf(tmp) end)
+      # The script lives apart from any build (as in deps/dspex_process of a hex install)...
+      File.mkdir_p!(Path.join(tmp, "lib_copy"))
+      File.cp!(Path.join(@root, "kill_python.sh"), Path.join(tmp, "lib_copy/kill_python.sh"))
+      # ...and the consumer's own build holds the CLI.
+      bin = Path.join(tmp, "app/_build/dev/lib/dspex_process/priv/bin")
+      File.mkdir_p!(bin)
+      File.cp!(DSPexProcess.Worker.guard_executable(), Path.join(bin, "dspex-proc"))
+
+      {out, 0} =
+        System.cmd(
+          "bash",
+          [Path.join(tmp, "lib_copy/kill_python.sh"), "--pattern", pattern, "--dry-run"],
+          cd: Path.join(tmp, "app"),
+          stderr_to_stdout: true
+        )
+
+      assert out =~ "dspex-proc found"
+      refute out =~ "Manual cleanup mode"
+      assert out =~ "Found: 2 orphaned processes"
+      assert all_alive?(orphan_ids)
+
+      {_, 0} =
+        System.cmd(Path.join(bin, "dspex-proc"), ["cleanup", "--yes", "--pattern", pattern])
+
+      assert all_gone?(orphan_ids)
     end
 
     test "node mode asks a live node, whose own workers are active",
@@ -392,6 +424,52 @@ defmodule DSPexProcess.OperatorToolsTest do
         {out, 2} = kill_python(args)
         assert out =~ "Usage: kill_python.sh"
       end
+    end
+  end
+
+  describe "mix dspex.cli" do
+    test "prints the CLI's path and installs it where kill_python.sh finds it on PATH",
+         %{script: script, pattern: pattern} do
+      {path, 0} = System.cmd("mix", ["dspex.cli"], env: [{"MIX_ENV", "test"}])
+      assert String.trim(path) == DSPexProcess.Worker.guard_executable()
+
+      dir = Path.join(System.tmp_dir!(), "dspex_cli_bin_#{System.unique_integer([:positive])}")
+      File.mkdir_p!(dir)
+      on_exit(fn -> File.rm_rf(dir) end)
+      {out, 0} = System.cmd("mix", ["dspex.cli", "install", dir], env: [{"MIX_ENV", "test"}])
+      assert out =~ "installed #{dir}/dspex-proc"
+      {version, 0} = System.cmd(Path.join(dir, "dspex-proc"), ["--version"])
+      assert version =~ "dspex-proc"
+
+      {out, status} =
+        System.cmd("mix", ["dspex.cli", "install", Path.join(dir, "missing")],
+          env: [{"MIX_ENV", "test"}],
+          stderr_to_stdout: true
+        )
+
+      assert status != 0
+      assert out =~ "is not a folder"
+
+      # A copy of the script far from any build, and no _build in the current folder:
+      # only PATH can lead it to the CLI.
+      copy = Path.join(dir, "kill_python.sh")
+      File.cp!(Path.join(@root, "kill_python.sh"), copy)
+      orphan_ids = orphans_of_a_dead_beam(script, 1)
+
+      {out, 0} =
+        System.cmd("bash", [copy, "--pattern", pattern, "--dry-run"],
+          cd: dir,
+          env: [{"PATH", dir <> ":" <> System.get_env("PATH")}],
+          stderr_to_stdout: true
+        )
+
+      assert out =~ "dspex-proc found"
+      assert out =~ "Found: 1 orphaned processes"
+
+      {_, 0} =
+        System.cmd(Path.join(dir, "dspex-proc"), ["cleanup", "--yes", "--pattern", pattern])
+
+      assert all_gone?(orphan_ids)
     end
   end
 

@@ -180,15 +180,59 @@ defmodule DSPexProcess.ProcessRegistryTest do
       Port.close(port)
     end
 
-    test "a registry stopped on purpose forgets, and says how to start one", %{reg: reg} do
+    test "a registry stopped on purpose keeps every entry; a restart serves the same table",
+         %{reg: reg} do
       :ok = ProcessRegistry.register_worker("w", self(), nil, "fp", reg)
-      :ok = stop_supervised(ProcessRegistry |> then(&{&1, reg}))
+      :ok = stop_supervised({ProcessRegistry, reg})
+      refute Process.whereis(reg)
+
+      assert {:ok, %{fingerprint: "fp"}} = ProcessRegistry.get_worker_info("w", reg)
+      start_supervised!({ProcessRegistry, name: reg})
+      assert {:ok, %{fingerprint: "fp"}} = ProcessRegistry.get_worker_info("w", reg)
+    end
+
+    test "GenServer.stop of the default registry process loses nothing; callers never notice" do
+      :ok = ProcessRegistry.register_worker({:stop_default, self()}, self(), nil, "fp")
+      server = Process.whereis(ProcessRegistry)
+      :ok = GenServer.stop(server)
+      assert {:ok, _} = ProcessRegistry.get_worker_info({:stop_default, self()})
+      # The application's supervisor restarts it on the same table.
+      assert eventually(fn -> is_pid(Process.whereis(ProcessRegistry)) end)
+      assert {:ok, _} = ProcessRegistry.get_worker_info({:stop_default, self()})
+      :ok = ProcessRegistry.unregister_worker({:stop_default, self()})
+    end
+
+    test "a name that was never started says how to start one" do
+      name = unique_name(:never_started)
 
       error =
-        assert_raise ProcessRegistry.NotRunningError, fn -> ProcessRegistry.get_stats(reg) end
+        assert_raise ProcessRegistry.NotRunningError, fn -> ProcessRegistry.get_stats(name) end
 
       assert Exception.message(error) =~ "supervision tree"
-      assert Exception.message(error) =~ inspect(reg)
+      assert Exception.message(error) =~ inspect(name)
+    end
+  end
+
+  describe "in a tree of its own (DSPex's supervisor lists it)" do
+    test "the tree starts while the application's registry runs, and the table is shared" do
+      assert ProcessRegistry.start_link([]) == :ignore
+
+      {:ok, sup} =
+        Supervisor.start_link(
+          [{Registry, keys: :unique, name: unique_name(:reg)}, ProcessRegistry],
+          strategy: :one_for_one
+        )
+
+      children = Supervisor.which_children(sup)
+      assert {ProcessRegistry, :undefined, :worker, [ProcessRegistry]} in children
+      assert Enum.any?(children, &match?({_, pid, :supervisor, [Registry]} when is_pid(pid), &1))
+
+      :ok = ProcessRegistry.register_worker({:tree, self()}, self(), nil, "fp")
+      :ok = Supervisor.stop(sup)
+      # The tree is gone; the registry is not.
+      assert {:ok, _} = ProcessRegistry.get_worker_info({:tree, self()})
+      assert is_pid(Process.whereis(ProcessRegistry))
+      :ok = ProcessRegistry.unregister_worker({:tree, self()})
     end
   end
 

@@ -568,7 +568,7 @@ defmodule DSPexProcess.ReliabilityTest do
 
         Code.eval_string(~S[
           try do
-            DSPexProcess.Native.registry_new()
+            DSPexProcess.Native.registry_new(true)
           rescue
             e -> IO.puts("ERROR " <> Exception.message(e))
           end

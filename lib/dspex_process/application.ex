@@ -1,12 +1,17 @@
 defmodule DSPexProcess.Application do
   @moduledoc """
-  Starts the default `DSPex.Python.ProcessRegistry` so `iex -S mix` can use it at once.
+  Creates the default registry's table, starts `DSPexProcess.Guardian` (no registered OS
+  process outlives its owner) and the default `DSPex.Python.ProcessRegistry` process, so
+  `iex -S mix` can use them at once. A tree that lists `DSPex.Python.ProcessRegistry` too
+  starts as written (see "Starting" in its docs).
 
   Configuration (`config :dspex_process, ...`):
 
-    * `:start_registry` - start the default registry (default `true`). Set it to `false`
-      to put `DSPex.Python.ProcessRegistry` in your own supervision tree instead.
+    * `:start_registry` - start the default registry's sweeping process (default `true`).
+      The table exists either way. Set it to `false` to run that process, with your
+      options, in your own supervision tree.
     * `:registry` - options for the default registry (see `DSPex.Python.ProcessRegistry`).
+    * `:guardian` - options for `DSPexProcess.Guardian`.
     * `:orphan_monitor` - options for a `DSPexProcess.OrphanMonitor` to start (periodic
       detection, optionally cleanup). Not started unless set.
   """
@@ -14,9 +19,13 @@ defmodule DSPexProcess.Application do
 
   @impl true
   def start(_type, _args) do
+    registry_opts = Application.get_env(:dspex_process, :registry, [])
+    :ok = DSPex.Python.ProcessRegistry.ensure_table(DSPex.Python.ProcessRegistry, registry_opts)
+    guardian = [{DSPexProcess.Guardian, Application.get_env(:dspex_process, :guardian, [])}]
+
     registry =
       if Application.get_env(:dspex_process, :start_registry, true),
-        do: [{DSPex.Python.ProcessRegistry, Application.get_env(:dspex_process, :registry, [])}],
+        do: [{DSPex.Python.ProcessRegistry, registry_opts}],
         else: []
 
     monitor =
@@ -25,7 +34,7 @@ defmodule DSPexProcess.Application do
         opts -> [{DSPexProcess.OrphanMonitor, opts}]
       end
 
-    children = registry ++ monitor
+    children = guardian ++ registry ++ monitor
 
     Supervisor.start_link(children, strategy: :one_for_one, name: DSPexProcess.Supervisor)
   end

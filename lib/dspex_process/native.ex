@@ -61,7 +61,7 @@ defmodule DSPexProcess.Native do
   end
 
   # Registry
-  def registry_new, do: not_loaded()
+  def registry_new(_guarded), do: not_loaded()
 
   def registry_register(_registry, _worker_id, _elixir_pid, _python_pid, _fingerprint),
     do: not_loaded()
@@ -74,6 +74,9 @@ defmodule DSPexProcess.Native do
   def registry_dead_workers(_registry), do: not_loaded()
   def registry_remove_dead(_registry), do: not_loaded()
   def registry_stats(_registry), do: not_loaded()
+  def guardian_attach(_pid), do: not_loaded()
+  def registries_live(_registries), do: not_loaded()
+  def registries_hold(_registries, _targets), do: not_loaded()
 
   # Detection (dirty I/O scheduler) and termination (its own OS thread)
   def detect(_registries, _port_pids, _patterns, _min_age_ms), do: not_loaded()

@@ -216,13 +216,21 @@ defmodule DSPexProcess.Test.OSProcess do
     %{script: script, pattern: pattern}
   end
 
+  @unguarded DSPexProcess.Test.Unguarded
+
   @doc """
   A real leak: a `--linger` worker whose Elixir process is killed. Returns its
   `Worker.info/1` once the port is closed (until then its process is in use).
+
+  It registers in a registry with `guardian: false`: otherwise the guardian would end it,
+  and the detector tests need something left to find.
   """
   def leak_worker(script, args \\ []) do
+    :ok = DSPex.Python.ProcessRegistry.ensure_table(@unguarded, guardian: false)
+
     {:ok, w} =
       DSPexProcess.Worker.start(
+        registry: @unguarded,
         worker_id: {:leak, System.unique_integer([:positive])},
         script: script,
         python: python(),

@@ -14,6 +14,11 @@ defmodule DSPexProcess.Test.PeerBeam do
   script = System.fetch_env!("PEER_SCRIPT")
   python = System.fetch_env!("PEER_PYTHON")
   guard = System.fetch_env!("PEER_GUARD") == "true"
+
+  # Without its guardian, the peer leaves real orphans when it is killed, for the detector.
+  if System.fetch_env!("PEER_GUARDIAN") == "false",
+    do: Application.put_env(:dspex_process, :guardian, end_released: false, os_guardian: false)
+
   {:ok, _} = Application.ensure_all_started(:dspex_process)
 
   workers =
@@ -40,11 +45,13 @@ defmodule DSPexProcess.Test.PeerBeam do
 
   @doc """
   Starts a peer BEAM running `count` workers of `script` with `args`; `guard: true` starts
-  them through the PDEATHSIG guard (default `false`, so that they can be orphaned). Returns
-  once every worker answers.
+  them through the PDEATHSIG guard (default `false`, so that they can be orphaned), and
+  `guardian: true` runs the library's guardian there (default `false`: a killed peer leaves
+  orphans). Returns once every worker answers.
   """
   def start(script, count, args \\ [], opts \\ []) do
     guard = Keyword.get(opts, :guard, false)
+    guardian = Keyword.get(opts, :guardian, false)
     elixir = System.find_executable("elixir") || raise "elixir is needed for the tests"
     ebin = :code.lib_dir(:dspex_process, :ebin) |> List.to_string()
 
@@ -57,7 +64,8 @@ defmodule DSPexProcess.Test.PeerBeam do
         env: [
           {~c"PEER_SCRIPT", String.to_charlist(script)},
           {~c"PEER_PYTHON", String.to_charlist(python())},
-          {~c"PEER_GUARD", ~c"#{guard}"}
+          {~c"PEER_GUARD", ~c"#{guard}"},
+          {~c"PEER_GUARDIAN", ~c"#{guardian}"}
         ],
         args:
           distribution(opts) ++ ["-pa", ebin, "-e", @peer_code, Integer.to_string(count)] ++ args

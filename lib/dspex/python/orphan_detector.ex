@@ -141,9 +141,14 @@ defmodule DSPex.Python.OrphanDetector do
   @spec cleanup_orphaned_processes() :: cleanup_report()
   def cleanup_orphaned_processes, do: cleanup_now(validate!([]))
 
-  @doc "See `cleanup_orphaned_processes/0`: with options, or with a list of orphans."
-  @spec cleanup_orphaned_processes([orphan()] | keyword()) :: cleanup_report()
+  @doc """
+  See `cleanup_orphaned_processes/0`: with options, or with a list of orphans. `nil` (the
+  reference's default argument) is the zero-arity call.
+  """
+  @spec cleanup_orphaned_processes([orphan()] | keyword() | nil) :: cleanup_report()
   def cleanup_orphaned_processes(orphans_or_opts)
+
+  def cleanup_orphaned_processes(nil), do: cleanup_orphaned_processes()
 
   # An empty list is an empty request (a filtered find that found nothing): no-op.
   def cleanup_orphaned_processes([]), do: cleanup_orphaned_processes([], [])

@@ -16,18 +16,24 @@ defmodule DSPex.Python.ProcessRegistry do
 
   ## Starting
 
-  The `:dspex_process` application starts a registry named `DSPex.Python.ProcessRegistry`
-  unless configured otherwise:
-
-      config :dspex_process, start_registry: false
-
-  To run it in your own supervision tree instead:
+  A registry is its native table plus, optionally, a process that sweeps it. The
+  `:dspex_process` application creates the table of the default registry,
+  `DSPex.Python.ProcessRegistry`, and starts its process, so the registry works as soon as
+  the application runs. A tree may list it as well, as DSPex's own does:
 
       children = [
         DSPex.Python.ProcessRegistry,
         # or with options:
         # {DSPex.Python.ProcessRegistry, name: MyApp.Workers, cleanup_interval: 10_000}
       ]
+
+  The rule: **one process per name; the table outlives every process.** Starting a registry
+  whose name already runs returns `:ignore` (the supervisor records the child as not
+  started and goes on), so a tree starts as written whether or not it lists the registry.
+  The table of a name is created by the first start and is never erased: stopping, killing
+  or restarting any registry process loses no registration, and every caller keeps using
+  the table while any tree that uses it runs. To give the default registry's process your
+  own options, set `config :dspex_process, start_registry: false` and list it in your tree.
 
   ## Options
 
@@ -40,6 +46,10 @@ defmodule DSPex.Python.ProcessRegistry do
       `false` (default), `true`, or a keyword list of `DSPex.Python.OrphanDetector`
       options (such as `:pattern` or `:grace_ms`). It runs after `init/1` returns, so it
       never delays the start.
+    * `:guardian` - `true` (default): `DSPexProcess.Guardian` ends this registry's OS
+      processes once they leave it (owner exit, unregister) and when the VM stops or dies.
+      `false`: the caller manages them (the detector still finds what leaks). Fixed when
+      the name's table is created.
 
   Calls work directly against the native table (they do not go through the GenServer), so
   they stay fast under load and keep working while the registry process restarts.
@@ -108,7 +118,40 @@ defmodule DSPex.Python.ProcessRegistry do
   @spec start_link(keyword()) :: GenServer.on_start()
   def start_link(opts \\ []) do
     opts = validate_options!(opts)
-    GenServer.start_link(__MODULE__, opts, name: opts[:name])
+
+    case GenServer.start_link(__MODULE__, opts, name: opts[:name]) do
+      # One process per name: the one already running serves the same table.
+      {:error, {:already_started, _pid}} -> :ignore
+      other -> other
+    end
+  end
+
+  @doc """
+  Creates the table of the registry `name` unless it exists; never replaces one. The
+  application does this for the default name at start; `start_link/1` does it for its own.
+  """
+  @spec ensure_table(registry(), keyword()) :: :ok
+  def ensure_table(name \\ @default_name, opts \\ []) when is_atom(name) do
+    key = storage_key(name)
+    guarded = Keyword.get(opts, :guardian, true)
+
+    unless is_boolean(guarded) do
+      raise ArgumentError, ":guardian must be a boolean, got: #{inspect(guarded)}"
+    end
+
+    if :persistent_term.get(key, nil) == nil do
+      # Two creators at once must not each put a table: one would lose its entries.
+      :global.trans({key, self()}, fn -> create_table(name, key, guarded) end, [node()])
+    end
+
+    :ok
+  end
+
+  defp create_table(name, key, guarded) do
+    if :persistent_term.get(key, nil) == nil do
+      :persistent_term.put(key, Native.registry_new(guarded))
+      :persistent_term.put(@names_key, Enum.uniq([name | running_names()]))
+    end
   end
 
   @doc """
@@ -128,7 +171,10 @@ defmodule DSPex.Python.ProcessRegistry do
     Native.registry_register(resource!(registry), worker_id, elixir_pid, python_pid, fingerprint)
   end
 
-  @doc "Removes a worker's entry. Unknown ids are fine."
+  @doc """
+  Removes a worker's entry. Unknown ids are fine. The OS process it named is ended shortly
+  after unless it is registered again or held by an open port (see `DSPexProcess.Guardian`).
+  """
   @spec unregister_worker(worker_id(), registry()) :: :ok
   def unregister_worker(worker_id, registry \\ @default_name) do
     Native.registry_unregister(resource!(registry), worker_id)
@@ -214,7 +260,7 @@ defmodule DSPex.Python.ProcessRegistry do
   end
 
   @doc false
-  # The native resources of every running registry: the detector counts the workers of all
+  # The native tables of every registry of this VM: the detector counts the workers of all
   # of them as active, whichever registry the caller names.
   @spec running_resources() :: [reference()]
   def running_resources do
@@ -241,13 +287,7 @@ defmodule DSPex.Python.ProcessRegistry do
 
   @impl true
   def init(opts) do
-    Process.flag(:trap_exit, true)
-    key = storage_key(opts[:name])
-
-    if :persistent_term.get(key, nil) == nil do
-      :persistent_term.put(key, Native.registry_new())
-      :persistent_term.put(@names_key, Enum.uniq([opts[:name] | running_names()]))
-    end
+    :ok = ensure_table(opts[:name], guardian: opts[:guardian])
 
     state = %{name: opts[:name], interval: opts[:cleanup_interval]}
     schedule_sweep(state)
@@ -280,18 +320,6 @@ defmodule DSPex.Python.ProcessRegistry do
   end
 
   def handle_info(_message, state), do: {:noreply, state}
-
-  @impl true
-  def terminate(reason, state) do
-    # Stopped on purpose: the registrations go with it. After a crash they stay, for the
-    # restarted process to pick up.
-    if reason in [:normal, :shutdown] or match?({:shutdown, _}, reason) do
-      :persistent_term.erase(storage_key(state.name))
-      :persistent_term.put(@names_key, List.delete(running_names(), state.name))
-    end
-
-    :ok
-  end
 
   defp remove_dead(registry) do
     removed = Native.registry_remove_dead(resource!(registry))
@@ -328,8 +356,13 @@ defmodule DSPex.Python.ProcessRegistry do
       Keyword.validate!(opts,
         name: @default_name,
         cleanup_interval: @default_interval,
-        cleanup_on_start: false
+        cleanup_on_start: false,
+        guardian: true
       )
+
+    unless is_boolean(opts[:guardian]) do
+      raise ArgumentError, "invalid :guardian #{inspect(opts[:guardian])}, expected a boolean"
+    end
 
     case opts[:name] do
       name when is_atom(name) and name not in [nil, true, false] -> :ok

@@ -12,6 +12,7 @@
 
 pub mod classify;
 mod error;
+pub mod guardian;
 mod identity;
 pub mod markers;
 pub mod metrics;

@@ -113,8 +113,17 @@ where
     /// Inserts an entry under `key`, replacing any entry there. `monitor` is called once per
     /// owner, the first time it registers; it returns `false` when the owner is already dead,
     /// and the entry is then kept as dead until [`Registry::remove_dead`] takes it.
-    pub fn register(&self, key: K, mut entry: WorkerEntry<O>, monitor: impl FnOnce(&O) -> bool) {
+    ///
+    /// Returns the OS process the replaced entry named when the new entry names another one
+    /// (or none): that process has left the registry.
+    pub fn register(
+        &self,
+        key: K,
+        mut entry: WorkerEntry<O>,
+        monitor: impl FnOnce(&O) -> bool,
+    ) -> Option<ProcessIdentity> {
         let owner = entry.owner;
+        let python = entry.python;
         let replaced = match self.owners.entry(owner) {
             Entry::Occupied(mut keys) => {
                 entry.alive = true;
@@ -131,59 +140,49 @@ where
                 self.entries.insert(key.clone(), entry)
             }
         };
-        if let Some(old) = replaced.filter(|old| old.owner != owner) {
+        let old = replaced?;
+        if old.owner != owner {
             if let Some(mut keys) = self.owners.get_mut(&old.owner) {
                 keys.remove(&key);
             }
         }
+        old.python.filter(|old_python| Some(*old_python) != python)
     }
 
-    /// Removes `key`; returns whether it was there.
-    pub fn unregister<Q>(&self, key: &Q) -> bool
+    /// Removes `key`; returns the entry that was there.
+    pub fn unregister<Q>(&self, key: &Q) -> Option<WorkerEntry<O>>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
         loop {
-            let Some(owner) = self.entries.get(key).map(|e| e.owner) else {
-                return false;
-            };
+            let owner = self.entries.get(key).map(|e| e.owner)?;
             let removed = match self.owners.get_mut(&owner) {
                 Some(mut keys) => {
-                    let removed = self
-                        .entries
-                        .remove_if(key, |_, e| e.owner == owner)
-                        .is_some();
-                    if removed {
+                    let removed = self.entries.remove_if(key, |_, e| e.owner == owner);
+                    if removed.is_some() {
                         keys.remove(key);
                     }
                     removed
                 }
-                None => self
-                    .entries
-                    .remove_if(key, |_, e| e.owner == owner)
-                    .is_some(),
+                None => self.entries.remove_if(key, |_, e| e.owner == owner),
             };
-            if removed {
-                return true;
+            if let Some((_, entry)) = removed {
+                return Some(entry);
             }
             // The key changed owner between the read and the removal: look again.
         }
     }
 
-    /// The owner died: its entries leave. Returns how many.
-    pub fn owner_down(&self, owner: &O) -> usize {
+    /// The owner died: its entries leave. Returns them.
+    pub fn owner_down(&self, owner: &O) -> Vec<(K, WorkerEntry<O>)> {
         let Some((_, keys)) = self.owners.remove(owner) else {
-            return 0;
+            return Vec::new();
         };
         keys.into_vec()
-            .iter()
-            .filter(|key| {
-                self.entries
-                    .remove_if(*key, |_, e| e.owner == *owner)
-                    .is_some()
-            })
-            .count()
+            .into_iter()
+            .filter_map(|key| self.entries.remove_if(&key, |_, e| e.owner == *owner))
+            .collect()
     }
 
     /// Removes the entries whose owner was already dead when they registered.
@@ -299,13 +298,13 @@ mod tests {
         };
         reg.register("a".into(), entry(1, Some(10)), monitor);
         reg.register("b".into(), entry(1, None), monitor);
-        assert!(reg.unregister("a"));
-        assert!(reg.unregister("b"));
-        assert!(!reg.unregister("b"));
+        assert!(reg.unregister("a").is_some());
+        assert!(reg.unregister("b").is_some());
+        assert!(reg.unregister("b").is_none());
         reg.register("c".into(), entry(1, None), monitor);
         assert_eq!(calls.load(Ordering::SeqCst), 1, "the owner is watched once");
         assert_eq!(reg.watched_owners(), 1);
-        assert_eq!(reg.owner_down(&1), 1);
+        assert_eq!(reg.owner_down(&1).len(), 1);
         assert!(reg.is_empty());
         assert_eq!(reg.watched_owners(), 0);
     }
@@ -318,26 +317,43 @@ mod tests {
         }
         assert_eq!(reg.len(), 20_000);
         for i in 0..10_000 {
-            assert!(reg.unregister(format!("w{i}").as_str()));
+            assert!(reg.unregister(format!("w{i}").as_str()).is_some());
         }
-        assert_eq!(reg.owner_down(&1), 10_000);
+        assert_eq!(reg.owner_down(&1).len(), 10_000);
         assert!(reg.is_empty());
     }
 
     #[test]
     fn reregistering_moves_a_key_to_its_new_owner() {
         let reg = Reg::new();
-        reg.register("w".into(), entry(1, Some(10)), |_| true);
-        reg.register("w".into(), entry(2, Some(20)), |_| true);
-        assert_eq!(reg.get("w").unwrap().owner, 2);
+        assert_eq!(reg.register("w".into(), entry(1, Some(10)), |_| true), None);
+        let left = reg.register("w".into(), entry(2, Some(20)), |_| true);
         assert_eq!(
-            reg.owner_down(&1),
-            0,
+            left.map(|id| id.pid.as_raw()),
+            Some(10),
+            "pid 10 left the registry"
+        );
+        assert_eq!(reg.get("w").unwrap().owner, 2);
+        assert!(
+            reg.owner_down(&1).is_empty(),
             "the old owner's death removes nothing"
         );
         assert_eq!(reg.len(), 1);
-        assert_eq!(reg.owner_down(&2), 1);
+        assert_eq!(reg.owner_down(&2).len(), 1);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn reregistering_the_same_process_releases_nothing() {
+        let reg = Reg::new();
+        reg.register("w".into(), entry(1, Some(10)), |_| true);
+        assert_eq!(reg.register("w".into(), entry(1, Some(10)), |_| true), None);
+        assert_eq!(
+            reg.register("w".into(), entry(1, None), |_| true)
+                .map(|i| i.pid.as_raw()),
+            Some(10)
+        );
+        assert_eq!(reg.unregister("w").map(|e| e.python), Some(None));
     }
 
     #[test]
@@ -346,7 +362,8 @@ mod tests {
         for (k, o) in [("a", 1), ("b", 1), ("c", 2)] {
             reg.register(k.into(), entry(o, None), |_| true);
         }
-        assert_eq!(reg.owner_down(&1), 2);
+        let down: HashSet<String> = reg.owner_down(&1).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(down, HashSet::from(["a".to_string(), "b".to_string()]));
         let left: Vec<String> = reg.entries().into_iter().map(|(k, _)| k).collect();
         assert_eq!(left, vec!["c".to_string()]);
     }

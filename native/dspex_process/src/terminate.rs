@@ -229,7 +229,7 @@ pub fn pidfd_supported() -> bool {
         .unwrap_or(false)
 }
 
-fn pidfd_open(pid: Pid) -> Result<OwnedFd, i32> {
+pub(crate) fn pidfd_open(pid: Pid) -> Result<OwnedFd, i32> {
     // SAFETY: plain syscall; a non-negative return is a new descriptor we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
     if fd < 0 {
@@ -269,7 +269,7 @@ fn raw_kill(pid: i32, signal: libc::c_int) -> Result<(), i32> {
 }
 
 /// Which of `fds` report their process as exited, waiting up to `timeout_ms`.
-fn poll_exited(fds: &[i32], timeout_ms: i32) -> Vec<bool> {
+pub(crate) fn poll_exited(fds: &[i32], timeout_ms: i32) -> Vec<bool> {
     let mut pollfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {

@@ -43,3 +43,28 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Python code that sleeps until it is signalled.
+pub const SLEEPER: &str = "import time\nwhile True: time.sleep(1)";
+
+/// A python child leading its own process group, as a port program does, with its identity.
+pub fn spawn(code: &str) -> (Child, crate::ProcessIdentity) {
+    use std::os::unix::process::CommandExt;
+    let child = Command::new(PYTHON.as_str())
+        .args(["-c", code])
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("spawn python");
+    let pid = crate::Pid::new(i64::from(child.id())).expect("a child's pid is > 1");
+    let identity = crate::ProcessIdentity::of(pid).expect("the child just started");
+    (child, identity)
+}
+
+/// Kills and reaps children the test started.
+pub fn reap(children: &mut [Child]) {
+    for c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}

@@ -1,6 +1,8 @@
 //! `dspex-proc`: the same detection and termination as the library, for shells, cron and
 //! systemd, with no BEAM running; and `exec`, the PR_SET_PDEATHSIG launcher for workers.
 
+mod guard;
+
 use clap::{Args, Parser, Subcommand};
 use dspex_process::classify::{self, Class, Detection, ProcLookup, Viewpoint};
 use dspex_process::markers::Markers;
@@ -52,6 +54,9 @@ enum Command {
     Cleanup(CleanupArgs),
     /// Run CMD in place (same pid) with a parent-death signal and optional limits.
     Exec(ExecArgs),
+    /// Guard a VM: read `+ PID START` / `- PID START` on stdin; when the VM dies, end what is
+    /// still registered. Started by the library as a port; not meant for shells.
+    Guard(guard::GuardArgs),
 }
 
 #[derive(Args)]
@@ -141,6 +146,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Exec(args) => exec(args),
+        Command::Guard(args) => guard::guard(args),
         Command::Status(sel) => status(&sel, cli.json),
         Command::Find(sel) => find(&sel, cli.json),
         Command::Cleanup(args) => cleanup(&args, cli.json),
@@ -348,6 +354,8 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
         .filter_map(|d| target_reason(d, sel.include_unmanaged).map(|r| (d, r)))
         .collect();
     let counts = class_counts(&detections);
+    // The CLI has no registry: what it protects are the workers of live VMs (foreign), never
+    // "active" ones, a word the library keeps for its own registered workers.
     let preserved = counts["active"] + counts["starting"] + counts["foreign"];
 
     if !targets.is_empty() && !args.dry_run && !args.yes && !confirm(targets.len()) {
@@ -399,8 +407,9 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
             "terminated": terminated,
             "errors": errors,
             "already_gone": already_gone,
-            "preserved_active": preserved,
-            "protected": counts,
+            "preserved_active": counts["active"],
+            "preserved_live_vm_workers": preserved,
+            "classes": counts,
             "dry_run": args.dry_run,
             "details": details,
         }));
@@ -419,7 +428,7 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
         println!("  - Found: {} orphaned processes", targets.len());
         println!("  - Terminated: {terminated} processes");
         println!("  - Errors: {errors}");
-        println!("  - Preserved: {preserved} active workers");
+        println!("  - Preserved: {preserved} workers of live VMs");
     }
     if errors > 0 {
         ExitCode::from(1)

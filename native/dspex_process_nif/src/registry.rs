@@ -4,11 +4,34 @@
 use dspex_process::{Pid, ProcessIdentity, Registry, RegistryStats, WorkerEntry};
 use rustler::{Atom, Encoder, Env, LocalPid, Monitor, NifMap, ResourceArc, Term};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod atoms {
-    rustler::atoms! { ok, error, not_found }
+    rustler::atoms! { ok, error, not_found, dspex_registered, dspex_released }
+}
+
+/// The Elixir process (`DSPexProcess.Guardian`) told of every OS process that enters or
+/// leaves any registry of this VM, so that none outlives its owner. One per VM.
+static GUARDIAN: RwLock<Option<LocalPid>> = RwLock::new(None);
+
+fn guardian() -> Option<LocalPid> {
+    *GUARDIAN.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Tells the guardian that `released` left the registry. `env` is the calling process's
+/// or the `down` callback's: both may send. A failed send (no guardian) changes nothing.
+fn notify_released(env: Env, guarded: bool, released: &[(Term, ProcessIdentity)]) {
+    if released.is_empty() || !guarded {
+        return;
+    }
+    if let Some(guardian) = guardian() {
+        let list: Vec<(i32, u64, Term)> = released
+            .iter()
+            .map(|(id, p)| (p.pid.as_raw(), p.start_time, *id))
+            .collect();
+        let _ = env.send(&guardian, (atoms::dspex_released(), list));
+    }
 }
 
 /// Worker ids are arbitrary terms, kept as their external term format so they can be
@@ -19,6 +42,9 @@ pub struct RegistryResource {
     // The registry never leaves its maps half-updated on a panic (dashmap locks do not
     // poison and our closures do not panic), so crossing rustler's catch_unwind is sound.
     registry: AssertUnwindSafe<Registry<WorkerKey, LocalPid>>,
+    /// Whether the guardian hears of this registry's processes (the registry's `:guardian`
+    /// option).
+    guarded: bool,
 }
 
 impl RegistryResource {
@@ -32,9 +58,16 @@ impl RegistryResource {
 impl rustler::Resource for RegistryResource {
     const IMPLEMENTS_DOWN: bool = true;
 
-    /// A monitored worker process exited: its entries leave at once.
-    fn down<'a>(&'a self, _env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
-        self.registry.owner_down(&pid);
+    /// A monitored worker process exited: its entries leave at once, and the guardian hears
+    /// of their OS processes.
+    fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
+        let released: Vec<(Term, ProcessIdentity)> = self
+            .registry
+            .owner_down(&pid)
+            .into_iter()
+            .filter_map(|(key, entry)| Some((key_term(env, &key), entry.python?)))
+            .collect();
+        notify_released(env, self.guarded, &released);
     }
 }
 
@@ -105,9 +138,10 @@ fn unix_seconds() -> u64 {
 }
 
 #[rustler::nif]
-fn registry_new() -> ResourceArc<RegistryResource> {
+fn registry_new(guarded: bool) -> ResourceArc<RegistryResource> {
     ResourceArc::new(RegistryResource {
         registry: AssertUnwindSafe(Registry::new()),
+        guarded,
     })
 }
 
@@ -134,16 +168,70 @@ fn registry_register<'a>(
         alive: false,
     };
     let key: WorkerKey = key(worker_id).as_slice().into();
-    resource
+    let replaced = resource
         .registry
         .register(key, entry, |pid| env.monitor(&resource, pid).is_some());
+    if let (Some(identity), Some(guardian)) = (python, guardian()) {
+        // Unguarded registrations are told too, for leak checks; the guardian ends only
+        // guarded ones.
+        let notice = (
+            atoms::dspex_registered(),
+            (identity.pid.as_raw(), identity.start_time),
+            worker_id,
+            elixir_pid,
+            resource.guarded,
+        );
+        let _ = env.send(&guardian, notice);
+    }
+    if let Some(old) = replaced {
+        notify_released(env, resource.guarded, &[(worker_id, old)]);
+    }
     atoms::ok().encode(env)
 }
 
 #[rustler::nif]
-fn registry_unregister(resource: ResourceArc<RegistryResource>, worker_id: Term) -> Atom {
-    resource.registry.unregister(key(worker_id).as_slice());
+fn registry_unregister<'a>(
+    env: Env<'a>,
+    resource: ResourceArc<RegistryResource>,
+    worker_id: Term<'a>,
+) -> Atom {
+    let removed = resource.registry.unregister(key(worker_id).as_slice());
+    if let Some(python) = removed.and_then(|e| e.python) {
+        notify_released(env, resource.guarded, &[(worker_id, python)]);
+    }
     atoms::ok()
+}
+
+/// Makes `pid` the guardian of this VM's registries (see [`GUARDIAN`]); `nil` detaches.
+#[rustler::nif]
+fn guardian_attach(pid: Option<LocalPid>) -> Atom {
+    *GUARDIAN.write().unwrap_or_else(|e| e.into_inner()) = pid;
+    atoms::ok()
+}
+
+/// The `{pid, start_time}` of every live worker of the guarded ones of `registries`.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn registries_live(registries: Vec<ResourceArc<RegistryResource>>) -> Vec<(i32, u64)> {
+    registries
+        .iter()
+        .filter(|r| r.guarded)
+        .flat_map(|r| r.live_python())
+        .map(|id| (id.pid.as_raw(), id.start_time))
+        .collect()
+}
+
+/// For each `{pid, start_time}`: whether a live worker of any of `registries` names it.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn registries_hold(
+    registries: Vec<ResourceArc<RegistryResource>>,
+    targets: Vec<(i64, u64)>,
+) -> Vec<bool> {
+    let held: std::collections::HashSet<(i64, u64)> = registries
+        .iter()
+        .flat_map(|r| r.live_python())
+        .map(|id| (i64::from(id.pid.as_raw()), id.start_time))
+        .collect();
+    targets.iter().map(|t| held.contains(t)).collect()
 }
 
 #[rustler::nif]

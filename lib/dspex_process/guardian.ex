@@ -1,0 +1,461 @@
+defmodule DSPexProcess.Guardian do
+  @moduledoc """
+  Makes sure no registered OS process outlives its owner, for any client of
+  `DSPex.Python.ProcessRegistry` — including code that only calls `register_worker/4`, does
+  not trap exits and stamps no markers (DSPex's own pool). The `:dspex_process` application
+  starts it; there is one per VM.
+
+  Three layers, from the first to fire to the last resort:
+
+    * **Owner exit.** An OS process leaves the registry when its Elixir owner exits for any
+      reason (normal stop, supervisor shutdown, `:kill`), when its entry is unregistered, or
+      when its id is registered again for another process. `:release_delay_ms` later, if it
+      is neither registered again (in any registry of this VM) nor held by an open port of
+      this VM, the guardian ends it: SIGTERM to it and its process group, SIGKILL after
+      `:grace_ms`. An open port is watched until it closes. Every signal goes through the
+      identity-checked terminator (pid + start time, pinned by a pidfd), on an OS thread of
+      its own, so a recycled pid is never signalled and no scheduler waits.
+    * **VM stop.** On a normal stop (`System.stop/0`, `:init.stop/0`, SIGTERM to the VM,
+      `Application.stop(:dspex_process)`), every registered and every released process is
+      ended before the guardian returns, in its `terminate/2`.
+    * **VM crash.** A small OS process, `dspex-proc guard`, runs beside the VM as a port and
+      is told of every registration. When the VM dies (`kill -9`, the OOM killer), it ends
+      what is still registered — the same identity checks — and exits. It never outlives
+      the VM by more than that cleanup.
+
+  ## Configuration
+
+      config :dspex_process, :guardian,
+        end_released: true,
+        release_delay_ms: 500,
+        grace_ms: 1_000,
+        kill_wait_ms: 1_000,
+        os_guardian: true
+
+    * `:end_released` - end OS processes that leave the registry (owner exit, unregister).
+      `false` leaves them running (and tells the OS guardian to forget them). Default `true`.
+    * `:release_delay_ms` - how long a released process may wait to be registered again or
+      taken by a port before it is ended. Default `500`.
+    * `:grace_ms` - SIGTERM to SIGKILL. Default `1_000`.
+    * `:kill_wait_ms` - how long to wait after SIGKILL before reporting a survivor.
+      Default `1_000`.
+    * `:end_on_stop` - end every registered process when the VM stops normally.
+      Default `true`.
+    * `:os_guardian` - run `dspex-proc guard` for the VM-crash layer. Default `true`.
+  """
+
+  use GenServer
+  require Logger
+
+  alias DSPex.Python.ProcessRegistry
+  alias DSPexProcess.{Native, Termination}
+
+  @defaults [
+    end_released: true,
+    release_delay_ms: 500,
+    grace_ms: 1_000,
+    kill_wait_ms: 1_000,
+    end_on_stop: true,
+    os_guardian: true
+  ]
+
+  @typedoc "An OS process: its pid and its start time (clock ticks since boot)."
+  @type identity :: {pos_integer(), non_neg_integer()}
+
+  @doc false
+  @spec child_spec(keyword()) :: Supervisor.child_spec()
+  def child_spec(opts) do
+    opts = validate!(opts)
+
+    %{
+      id: __MODULE__,
+      start: {__MODULE__, :start_link, [opts]},
+      # terminate/2 ends every registered process: give it the whole escalation.
+      shutdown: opts[:grace_ms] + opts[:kill_wait_ms] + 5_000
+    }
+  end
+
+  @doc "Starts the guardian of this VM (the application does it); options as above."
+  @spec start_link(keyword()) :: GenServer.on_start()
+  def start_link(opts \\ []) do
+    GenServer.start_link(__MODULE__, validate!(opts), name: __MODULE__)
+  end
+
+  @doc """
+  What the guardian does now: its options, whether the OS guardian runs (and its pid), and
+  the released processes it is waiting on.
+  """
+  @spec status() :: %{
+          options: keyword(),
+          os_guardian: pos_integer() | nil,
+          pending: [identity()]
+        }
+  def status, do: GenServer.call(__MODULE__, :status)
+
+  @typedoc "A registration seen while watching (see `watch_registrations/0`)."
+  @type registration :: %{
+          os_pid: pos_integer(),
+          start_time: non_neg_integer(),
+          worker_id: term(),
+          owner: pid(),
+          lineage: [pid()]
+        }
+
+  @doc """
+  Starts recording every registration with an OS pid, in every registry of this VM, until
+  `stop_watching/1`. Used by `DSPexProcess.LeakCheck`.
+  """
+  @spec watch_registrations() :: reference()
+  def watch_registrations, do: GenServer.call(__MODULE__, :watch)
+
+  @doc """
+  Stops a recording and returns its registrations, oldest first. Each carries the owner's
+  `lineage`: its `$ancestors` and `$callers` at registration, as pids.
+  """
+  @spec stop_watching(reference()) :: [registration()]
+  def stop_watching(ref) when is_reference(ref), do: GenServer.call(__MODULE__, {:unwatch, ref})
+
+  @doc """
+  Validates guardian options; raises `ArgumentError` naming the option and the value.
+  """
+  @spec validate!(keyword()) :: keyword()
+  def validate!(opts) do
+    unless is_list(opts) and Keyword.keyword?(opts) do
+      raise ArgumentError, "guardian options must be a keyword list, got: #{inspect(opts)}"
+    end
+
+    opts = Keyword.validate!(opts, @defaults)
+
+    for {key, value} <- opts do
+      ok? =
+        case key do
+          k when k in [:end_released, :end_on_stop, :os_guardian] -> is_boolean(value)
+          _ -> is_integer(value) and value >= 0 and value <= 600_000
+        end
+
+      unless ok? do
+        expected =
+          if key in [:end_released, :end_on_stop, :os_guardian],
+            do: "a boolean",
+            else: "an integer from 0 to 600_000 (ms)"
+
+        raise ArgumentError,
+              "guardian option #{inspect(key)} must be #{expected}, got: #{inspect(value)}"
+      end
+    end
+
+    opts
+  end
+
+  # GenServer
+
+  @impl true
+  def init(opts) do
+    Process.flag(:trap_exit, true)
+    :ok = Native.guardian_attach(self())
+
+    state = %{
+      opts: opts,
+      port: nil,
+      os_pid: nil,
+      # identity => {worker_id, due (monotonic ms)}
+      pending: %{},
+      timer: nil,
+      # watch ref => registrations, newest first
+      watches: %{}
+    }
+
+    {:ok, start_os_guardian(state)}
+  end
+
+  @impl true
+  def handle_call(:status, _from, state) do
+    {:reply, %{options: state.opts, os_guardian: state.os_pid, pending: Map.keys(state.pending)},
+     state}
+  end
+
+  def handle_call(:watch, _from, state) do
+    ref = make_ref()
+    {:reply, ref, %{state | watches: Map.put(state.watches, ref, [])}}
+  end
+
+  def handle_call({:unwatch, ref}, _from, state) do
+    {seen, watches} = Map.pop(state.watches, ref, [])
+    {:reply, Enum.reverse(seen), %{state | watches: watches}}
+  end
+
+  @impl true
+  def handle_info({:dspex_registered, {pid, start} = id, worker_id, owner, guarded}, state) do
+    if guarded, do: tell(state, "+", [id])
+    {:noreply, record(state, pid, start, worker_id, owner)}
+  end
+
+  def handle_info({:dspex_released, released}, state) do
+    {:noreply, release(state, released)}
+  end
+
+  def handle_info(:check, state) do
+    {:noreply, check(%{state | timer: nil})}
+  end
+
+  def handle_info({:ended, outcomes}, state) do
+    gone =
+      for {{pid, start} = id, worker_id, outcome} <- outcomes, reduce: [] do
+        gone ->
+          case outcome do
+            {:ok, how} when how in [:graceful, :force_killed] ->
+              Logger.info(
+                "DSPexProcess.Guardian ended OS process #{pid} (worker #{inspect(worker_id)}), " <>
+                  "which outlived its owner (#{how})"
+              )
+
+              [id | gone]
+
+            {:ok, :already_gone} ->
+              [id | gone]
+
+            {:error, error} ->
+              Logger.warning(
+                "DSPexProcess.Guardian could not end OS process #{pid} (start time #{start}, " <>
+                  "worker #{inspect(worker_id)}): #{inspect(error)}"
+              )
+
+              gone
+          end
+      end
+
+    tell(state, "-", gone)
+    {:noreply, state}
+  end
+
+  def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
+    Logger.warning(
+      "DSPexProcess.Guardian: dspex-proc guard exited (status #{status}); starting another"
+    )
+
+    {:noreply, start_os_guardian(%{state | port: nil, os_pid: nil})}
+  end
+
+  def handle_info({:EXIT, port, _reason}, %{port: port} = state) do
+    {:noreply, start_os_guardian(%{state | port: nil, os_pid: nil})}
+  end
+
+  def handle_info(_message, state), do: {:noreply, state}
+
+  @impl true
+  def terminate(reason, state) do
+    :ok = Native.guardian_attach(nil)
+    state = drain_releases(state)
+
+    # A crash is not a stop: a restarted guardian takes over, the workers stay.
+    if state.opts[:end_on_stop] and stop_reason?(reason) do
+      end_everything(state)
+    end
+
+    :ok
+  end
+
+  defp record(%{watches: watches} = state, _pid, _start, _worker_id, _owner)
+       when map_size(watches) == 0,
+       do: state
+
+  defp record(state, pid, start, worker_id, owner) do
+    registration = %{
+      os_pid: pid,
+      start_time: start,
+      worker_id: worker_id,
+      owner: owner,
+      lineage: lineage(owner)
+    }
+
+    %{state | watches: Map.new(state.watches, fn {ref, seen} -> {ref, [registration | seen]} end)}
+  end
+
+  defp lineage(owner) do
+    case Process.info(owner, :dictionary) do
+      {:dictionary, dict} ->
+        for key <- [:"$ancestors", :"$callers"],
+            entry <- List.wrap(dict[key]),
+            pid = if(is_atom(entry), do: Process.whereis(entry), else: entry),
+            is_pid(pid),
+            do: pid
+
+      nil ->
+        []
+    end
+  end
+
+  # Releases
+
+  defp release(%{opts: opts} = state, released) do
+    if opts[:end_released] do
+      due = now() + opts[:release_delay_ms]
+
+      pending =
+        Enum.reduce(released, state.pending, fn {pid, start, worker_id}, pending ->
+          Map.put(pending, {pid, start}, {worker_id, due})
+        end)
+
+      schedule(%{state | pending: pending})
+    else
+      tell(state, "-", Enum.map(released, fn {pid, start, _} -> {pid, start} end))
+      state
+    end
+  end
+
+  defp check(state) do
+    now = now()
+    {due, waiting} = Enum.split_with(state.pending, fn {_id, {_wid, at}} -> at <= now end)
+    ids = Enum.map(due, fn {id, _} -> id end)
+    held_by_registry = Native.registries_hold(ProcessRegistry.running_resources(), ids)
+    port_pids = port_os_pids()
+    later = now + state.opts[:release_delay_ms]
+
+    {to_end, still_waiting} =
+      due
+      |> Enum.zip(held_by_registry)
+      |> Enum.reduce({[], Map.new(waiting)}, fn
+        # Registered again: no longer ours to end.
+        {_, true}, acc ->
+          acc
+
+        {{{pid, _} = id, {wid, _}}, false}, {to_end, waiting} ->
+          if MapSet.member?(port_pids, pid),
+            do: {to_end, Map.put(waiting, id, {wid, later})},
+            else: {[{id, wid} | to_end], waiting}
+      end)
+
+    end_async(to_end, state.opts)
+    schedule(%{state | pending: still_waiting})
+  end
+
+  defp end_async([], _opts), do: :ok
+
+  defp end_async(targets, opts) do
+    guardian = self()
+
+    # The terminator answers by message; waiting for it here would hold up registrations.
+    spawn(fn ->
+      outcomes = Termination.run(Enum.map(targets, &elem(&1, 0)), termination_opts(opts))
+
+      send(
+        guardian,
+        {:ended, Enum.zip_with(targets, outcomes, fn {id, wid}, o -> {id, wid, o} end)}
+      )
+    end)
+
+    :ok
+  end
+
+  defp schedule(%{pending: pending} = state) when map_size(pending) == 0, do: state
+  defp schedule(%{timer: timer} = state) when timer != nil, do: state
+
+  defp schedule(state) do
+    next = state.pending |> Enum.map(fn {_, {_, at}} -> at end) |> Enum.min()
+    %{state | timer: Process.send_after(self(), :check, max(next - now(), 0))}
+  end
+
+  defp port_os_pids do
+    for port <- Port.list(), {:os_pid, pid} <- [Port.info(port, :os_pid)], into: MapSet.new() do
+      pid
+    end
+  end
+
+  # VM stop
+
+  defp stop_reason?(reason),
+    do: reason in [:normal, :shutdown] or match?({:shutdown, _}, reason)
+
+  # Owners that died during the stop may have sent their notices after the exit signal.
+  defp drain_releases(state) do
+    receive do
+      {:dspex_released, released} -> drain_releases(release(state, released))
+    after
+      0 -> state
+    end
+  end
+
+  defp end_everything(state) do
+    registered = Native.registries_live(ProcessRegistry.running_resources())
+    targets = Enum.uniq(Map.keys(state.pending) ++ registered)
+    outcomes = Termination.run(targets, termination_opts(state.opts))
+
+    ended = Enum.count(outcomes, &match?({:ok, how} when how in [:graceful, :force_killed], &1))
+
+    if ended > 0 do
+      Logger.info("DSPexProcess.Guardian ended #{ended} registered OS process(es) on stop")
+    end
+
+    for {{pid, _}, {:error, error}} <- Enum.zip(targets, outcomes) do
+      Logger.warning(
+        "DSPexProcess.Guardian could not end OS process #{pid} on stop: #{inspect(error)}"
+      )
+    end
+
+    tell(state, "-", for({id, {:ok, _}} <- Enum.zip(targets, outcomes), do: id))
+  end
+
+  defp termination_opts(opts),
+    do: [grace_ms: opts[:grace_ms], kill_wait_ms: opts[:kill_wait_ms]]
+
+  # The OS guardian
+
+  defp start_os_guardian(%{opts: opts} = state) do
+    exe = DSPexProcess.Worker.guard_executable()
+
+    cond do
+      not opts[:os_guardian] ->
+        state
+
+      not File.regular?(exe) ->
+        Logger.warning(
+          "DSPexProcess.Guardian: #{exe} is missing (run `mix compile`); without it, the OS " <>
+            "processes registered here are not ended if this VM is killed"
+        )
+
+        state
+
+      true ->
+        {beam_pid, beam_start, _ns} = Native.beam_identity()
+
+        args =
+          ["guard", "--vm-pid", beam_pid, "--vm-start", beam_start] ++
+            ["--grace", opts[:grace_ms], "--kill-wait", opts[:kill_wait_ms]]
+
+        port =
+          Port.open({:spawn_executable, exe}, [
+            :binary,
+            :exit_status,
+            args: Enum.map(args, &to_string/1)
+          ])
+
+        {:os_pid, os_pid} = Port.info(port, :os_pid)
+        state = %{state | port: port, os_pid: os_pid}
+        # A restarted guardian learns what is registered now, and what still waits.
+        tell(
+          state,
+          "+",
+          Native.registries_live(ProcessRegistry.running_resources()) ++ Map.keys(state.pending)
+        )
+
+        state
+    end
+  end
+
+  defp tell(_state, _sign, []), do: :ok
+  defp tell(%{port: nil}, _sign, _ids), do: :ok
+
+  defp tell(%{port: port}, sign, ids) do
+    lines =
+      for {pid, start} <- ids,
+          do: [sign, ?\s, Integer.to_string(pid), ?\s, Integer.to_string(start), ?\n]
+
+    Port.command(port, lines)
+    :ok
+  rescue
+    # The port just closed; its exit message restarts it with the full list.
+    ArgumentError -> :ok
+  end
+
+  defp now, do: System.monotonic_time(:millisecond)
+end

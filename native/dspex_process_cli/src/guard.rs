@@ -1,0 +1,175 @@
+//! `dspex-proc guard`: the guardian a VM starts as a port. It reads `+ PID START` and
+//! `- PID START` lines on stdin (see `dspex_process::guardian`), watches the VM through a
+//! pidfd, and when the VM dies (even by `kill -9`) ends what is still registered, then
+//! exits. When only its stdin closes and the VM lives on (the VM's guardian process
+//! stopped or restarted), it exits without signalling anything.
+//!
+//! It never writes to stdout: after the VM dies that pipe has no reader.
+
+use clap::Args;
+use dspex_process::guardian::{VmWatch, Watchlist};
+use dspex_process::terminate::{Outcome, TerminateOptions};
+use dspex_process::{Pid, ProcessIdentity};
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct GuardArgs {
+    /// The OS pid of the VM to guard.
+    #[arg(long, value_name = "PID")]
+    vm_pid: i64,
+    /// The VM's start time (field 22 of /proc/PID/stat), so a recycled pid is not it.
+    #[arg(long, value_name = "TICKS")]
+    vm_start: u64,
+    /// Milliseconds between SIGTERM and SIGKILL when the VM has died.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    grace: u64,
+    /// Milliseconds to wait after SIGKILL before giving up on a survivor.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    kill_wait: u64,
+}
+
+/// How often the list forgets processes that are gone.
+const PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// After stdin closes, how long the VM has to finish dying before it counts as alive.
+const EOF_EXIT_WAIT: Duration = Duration::from_secs(2);
+
+fn say(text: &str) {
+    // stderr may be a pipe whose reader died with the VM: never fail on it.
+    let _ = writeln!(std::io::stderr(), "dspex-proc guard: {text}");
+}
+
+pub fn guard(args: GuardArgs) -> ExitCode {
+    let Ok(pid) = Pid::new(args.vm_pid) else {
+        say(&format!("--vm-pid {} is not a process id", args.vm_pid));
+        return ExitCode::from(2);
+    };
+    let vm = ProcessIdentity {
+        pid,
+        start_time: args.vm_start,
+    };
+    let Some(watch) = VmWatch::new(vm) else {
+        // Nothing was registered with us yet: there is nothing to end.
+        say(&format!("VM {pid} is already gone"));
+        return ExitCode::SUCCESS;
+    };
+    let options = TerminateOptions {
+        grace: Duration::from_millis(args.grace),
+        kill_wait: Duration::from_millis(args.kill_wait),
+        kill_group: true,
+        allow_other_users: false,
+    };
+    let mut list = Watchlist::new();
+    let vm_died = follow(&watch, &mut list);
+    if !vm_died {
+        return ExitCode::SUCCESS;
+    }
+    if list.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    let outcomes = list.end_all(&options);
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|(_, o)| {
+            !matches!(
+                o,
+                Outcome::Graceful | Outcome::ForceKilled | Outcome::AlreadyGone
+            )
+        })
+        .map(|(id, o)| format!("{} ({o:?})", id.pid))
+        .collect();
+    let ended = outcomes
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Graceful | Outcome::ForceKilled))
+        .count();
+    if ended == 0 && failed.is_empty() {
+        // Everything was already gone (a normal stop ended it): nothing to tell.
+        return ExitCode::SUCCESS;
+    }
+    say(&format!(
+        "VM {pid} died; ended {ended} of {} registered process(es){}",
+        outcomes.len(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!("; not ended: {}", failed.join(", "))
+        }
+    ));
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Reads notices until the VM dies (true) or stdin closes while the VM lives (false).
+fn follow(watch: &VmWatch, list: &mut Watchlist) -> bool {
+    let stdin = libc::STDIN_FILENO;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut next_prune = Instant::now() + PRUNE_EVERY;
+    loop {
+        let mut fds = vec![libc::pollfd {
+            fd: stdin,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(fd) = watch.fd() {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // Without a pidfd, look at the VM every 200 ms.
+        let timeout = if watch.fd().is_some() { 5_000 } else { 200 };
+        // SAFETY: fds is a valid array of the given length.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // poll itself failed: fall back to asking about the VM directly.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if watch.exited() {
+            // Take in what the VM managed to write before it died.
+            drain(stdin, &mut buf, list);
+            return true;
+        }
+        if fds[0].revents != 0 {
+            // SAFETY: reading into a buffer we own, of its length.
+            let n = unsafe { libc::read(stdin, buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                list.feed(&buf[..n as usize]);
+            } else if n == 0
+                || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+            {
+                // stdin closed: the VM is dying, or its guardian process stopped.
+                return watch.wait_exit(EOF_EXIT_WAIT);
+            }
+        }
+        if Instant::now() >= next_prune {
+            list.prune();
+            next_prune = Instant::now() + PRUNE_EVERY;
+        }
+    }
+}
+
+/// Reads whatever is left on stdin without blocking.
+fn drain(stdin: i32, buf: &mut [u8], list: &mut Watchlist) {
+    loop {
+        let mut fd = libc::pollfd {
+            fd: stdin,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut fd, 1, 0) } <= 0 {
+            return;
+        }
+        // SAFETY: reading into a buffer we own, of its length.
+        let n = unsafe { libc::read(stdin, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return;
+        }
+        list.feed(&buf[..n as usize]);
+    }
+}
