@@ -1,6 +1,8 @@
 //! The registry core against a model: random sequences of registrations (re-registrations
 //! of an id included), unregistrations, owner deaths, sweeps and every query, each answer
-//! compared with a plain map. Owners can be dead when they register, as on the BEAM.
+//! compared with a plain map — including the OS process a re-registration releases and the
+//! entries an unregistration or an owner's death hands back (what the library then ends).
+//! Owners can be dead when they register, as on the BEAM.
 
 use super::check;
 use crate::identity::{Pid, ProcessIdentity};
@@ -23,7 +25,8 @@ enum Op {
     },
     Unregister(Key),
     /// The owner exits; the registry hears it through `owner_down` (which the NIF's monitor
-    /// calls; called here even for owners it does not watch, where it must do nothing).
+    /// calls; called here even for owners it does not watch, where it must do nothing). It
+    /// returns the entries that left.
     Dies(Owner),
     RemoveDead,
     Get(Key),
@@ -114,10 +117,17 @@ fn the_registry_answers_as_the_model_says() {
                     };
                     // The registry watches each owner once; a dead owner cannot be watched.
                     let monitored = RefCell::new(Vec::new());
-                    reg.register(key, entry.clone(), |o| {
+                    let left = reg.register(key, entry.clone(), |o| {
                         monitored.borrow_mut().push(*o);
                         !model.dead.contains(o)
                     });
+                    // The OS process of the replaced entry has left, unless it is the new one.
+                    let expected_left = model
+                        .entries
+                        .get(&key)
+                        .and_then(|old| old.python)
+                        .filter(|old| Some(*old) != entry.python);
+                    prop_assert_eq!(left, expected_left, "step {}", step);
                     let watched = model.watched.contains(&owner);
                     let expected_calls = if watched { vec![] } else { vec![owner] };
                     prop_assert_eq!(monitored.into_inner(), expected_calls, "step {}", step);
@@ -128,18 +138,18 @@ fn the_registry_answers_as_the_model_says() {
                     model.entries.insert(key, WorkerEntry { alive, ..entry });
                 }
                 Op::Unregister(key) => {
-                    prop_assert_eq!(reg.unregister(&key), model.entries.remove(&key).is_some());
+                    prop_assert_eq!(reg.unregister(&key), model.entries.remove(&key));
                 }
                 Op::Dies(owner) => {
                     model.dead.insert(owner);
                     let expected = if model.watched.remove(&owner) {
-                        let before = model.entries.len();
+                        let gone = model.select(|e| e.owner == owner && e.alive);
                         model.entries.retain(|_, e| e.owner != owner || !e.alive);
-                        before - model.entries.len()
+                        gone
                     } else {
-                        0
+                        Vec::new()
                     };
-                    prop_assert_eq!(reg.owner_down(&owner), expected, "step {}", step);
+                    prop_assert_eq!(by_key(reg.owner_down(&owner)), expected, "step {}", step);
                 }
                 Op::RemoveDead => {
                     let expected: Vec<Key> = model
