@@ -11,9 +11,10 @@ defmodule DSPexProcess.RegistryModel do
   `list_all_workers`, `get_workers_by_fingerprint`, `get_stats`, `get_active_python_pids`,
   `validate_workers`, plus the sweep `cleanup_dead_workers`.
 
-  The registry under test is named per case and lives under a supervisor of the test; the
-  commands find it, and the resources they start, in the process dictionary of the test
-  process, which is where `:proper_statem.run_commands/2` runs them.
+  The registry under test has a name of its own and runs under a supervisor of the test.
+  Its table outlives its processes (by design), so each case starts by emptying it. The
+  commands find the registry, and the resources they start, in the process dictionary of
+  the test process, which is where `:proper_statem.run_commands/2` runs them.
   """
 
   alias DSPex.Python.ProcessRegistry
@@ -254,14 +255,16 @@ defmodule DSPexProcess.RegistryModel do
   # --- one case -------------------------------------------------------------------------
 
   @doc """
-  Runs `commands` against a fresh registry under `supervisor`, then stops it, the owners
-  and the OS processes the case started. Returns `:proper_statem.run_commands/2`'s answer.
+  Runs `commands` against the registry `name`, emptied first, then ends the owners and the
+  OS processes the case started. Returns `:proper_statem.run_commands/2`'s answer.
   """
-  def run(commands, supervisor) do
-    name = :"dspex_registry_model_#{System.unique_integer([:positive])}"
-    spec = {ProcessRegistry, name: name, cleanup_interval: :infinity}
-    {:ok, _} = Supervisor.start_child(supervisor, spec)
+  def run(commands, name) do
     Process.put({__MODULE__, :registry}, name)
+
+    for {id, _} <- ProcessRegistry.list_all_workers(name),
+        do: ProcessRegistry.unregister_worker(id, name)
+
+    [] = ProcessRegistry.list_all_workers(name)
 
     try do
       :proper_statem.run_commands(__MODULE__, commands)
@@ -270,8 +273,6 @@ defmodule DSPexProcess.RegistryModel do
       for port <- recalled(:ports), do: close(port)
       Process.delete({__MODULE__, :owners})
       Process.delete({__MODULE__, :ports})
-      :ok = Supervisor.terminate_child(supervisor, {ProcessRegistry, name})
-      :ok = Supervisor.delete_child(supervisor, {ProcessRegistry, name})
     end
   end
 
@@ -306,22 +307,23 @@ defmodule DSPexProcess.RegistryModelTest do
   end
 
   setup do
-    # Registries of the cases are restarted on purpose; this supervisor allows it.
+    # The cases kill the registry process on purpose; this supervisor restarts it each time.
+    name = :"dspex_registry_model_#{System.unique_integer([:positive])}"
+    registry = {DSPex.Python.ProcessRegistry, name: name, cleanup_interval: :infinity}
     options = [strategy: :one_for_one, max_restarts: 100_000, max_seconds: 1]
 
-    supervisor =
-      start_supervised!(%{
-        id: :registry_model_supervisor,
-        start: {Supervisor, :start_link, [[], options]},
-        type: :supervisor
-      })
+    start_supervised!(%{
+      id: :registry_model_supervisor,
+      start: {Supervisor, :start_link, [[registry], options]},
+      type: :supervisor
+    })
 
-    %{supervisor: supervisor}
+    %{registry: name}
   end
 
-  defp property(supervisor) do
+  defp property(registry) do
     :proper.forall(:proper_statem.commands(RegistryModel), fn commands ->
-      {_history, _state, result} = RegistryModel.run(commands, supervisor)
+      {_history, _state, result} = RegistryModel.run(commands, registry)
       result == :ok
     end)
   end
@@ -336,8 +338,8 @@ defmodule DSPexProcess.RegistryModelTest do
   end
 
   # Sequences of about 10 to 60 commands.
-  defp check(supervisor, cases) do
-    :proper.quickcheck(property(supervisor), [
+  defp check(registry, cases) do
+    :proper.quickcheck(property(registry), [
       :long_result,
       :quiet,
       numtests: cases,
@@ -347,8 +349,8 @@ defmodule DSPexProcess.RegistryModelTest do
   end
 
   # The shrunk sequence, run once more, each command with its answer.
-  defp explain([commands], supervisor) do
-    {history, _state, result} = RegistryModel.run(commands, supervisor)
+  defp explain([commands], registry) do
+    {history, _state, result} = RegistryModel.run(commands, registry)
     answers = Enum.map(history, &elem(&1, 1)) ++ [result]
 
     steps =
@@ -362,26 +364,26 @@ defmodule DSPexProcess.RegistryModelTest do
   end
 
   test "the registry answers as the model says, over #{@cases} random command sequences",
-       %{supervisor: supervisor} do
+       %{registry: registry} do
     seed = seed!()
     context = "PropEr seed #{seed} (rerun with DSPEX_PROPER_SEED=#{seed})"
     IO.puts("\nregistry model: #{@cases} cases, #{context}")
 
-    case check(supervisor, @cases) do
+    case check(registry, @cases) do
       true ->
         :ok
 
       counterexample ->
-        flunk("#{context}\nshrunk counterexample, #{explain(counterexample, supervisor)}")
+        flunk("#{context}\nshrunk counterexample, #{explain(counterexample, registry)}")
     end
   end
 
-  test "a wrong model is caught and its counterexample shrinks", %{supervisor: supervisor} do
+  test "a wrong model is caught and its counterexample shrinks", %{registry: registry} do
     seed = seed!()
     Process.put({RegistryModel, :mutant}, :restart_loses_entries)
 
     try do
-      assert [commands] = check(supervisor, 200),
+      assert [commands] = check(registry, 200),
              "PropEr seed #{seed}: a model that forgets entries on restart passed"
 
       calls = for {:set, _, {:call, _, fun, _}} <- commands, do: fun
