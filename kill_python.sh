@@ -7,6 +7,10 @@
 # Manual mode (no CLI, or --manual): lists every matching process, warns that it cannot
 # tell active from orphaned, and asks before ending them all.
 #
+# Confirmation, the same rule as dspex-proc cleanup and mix dspex.orphans cleanup: every
+# mode asks before it signals when it runs on a terminal; with no terminal it refuses
+# (exit 3) unless --yes; --dry-run signals nothing and asks nothing.
+#
 # Exit codes: 0 done (or nothing to do), 1 some processes could not be ended, 2 bad
 # arguments, 3 not confirmed, 4 the node could not be reached.
 
@@ -29,7 +33,7 @@ Usage: kill_python.sh [options]
   --pattern P     literal argv pattern: an argument or its basename (default dspy_bridge.py)
   --grace MS      milliseconds between SIGTERM and SIGKILL (default 1000)
   --dry-run       show what would be ended; signal nothing
-  --yes, -y       do not ask (manual mode refuses without a terminal unless given)
+  --yes, -y       do not ask (without a terminal, every mode refuses unless given)
   --node NAME     ask this live node's OrphanDetector (distributed Erlang)
   --cookie C      the node's cookie (with --node); it stays in this script's own
                   command line, so prefer --cookie-file
@@ -78,6 +82,30 @@ done
 [[ "$PATTERN" != *$'\n'* ]] || die_usage "--pattern must be one line"
 [[ -z "$COOKIE" || -n "$NODE" ]] || die_usage "--cookie goes with --node"
 
+# The one confirmation rule (see the top of this file). $1: what will be ended.
+confirm() {
+  [[ $YES -eq 1 || $DRY_RUN -eq 1 ]] && return 0
+  if [[ ! -t 0 ]]; then
+    echo "Refusing without --yes: no terminal to ask." >&2
+    exit 3
+  fi
+  read -r -p "$1 Continue? (y/N): " answer
+  if [[ "$answer" != "y" && "$answer" != "Y" ]]; then
+    echo "Aborted."
+    exit 3
+  fi
+}
+
+# The closing line: a dry run never claims a cleanup.
+finished() {
+  if [[ $1 -ne 0 ]]; then return; fi
+  if [[ $DRY_RUN -eq 1 ]]; then
+    echo "✅ Dry run complete: nothing was signalled"
+  else
+    echo "✅ Intelligent cleanup completed successfully"
+  fi
+}
+
 # --- node mode -------------------------------------------------------------------------
 if [[ -n "$NODE" ]]; then
   echo "Detecting orphaned Python processes..."
@@ -98,9 +126,11 @@ if [[ -n "$NODE" ]]; then
   fi
   dry=false
   if [[ $DRY_RUN -eq 1 ]]; then dry=true; fi
+  confirm "Node $NODE will end the orphans it finds (its own workers are protected)."
   # Values reach the Erlang code through the environment, never through string splicing.
+  # erl prints one plain line; the text around it is printed here, in UTF-8.
   set +e
-  HOME="$erl_home" KP_NODE="$NODE" KP_PATTERN="$PATTERN" KP_GRACE="$GRACE_MS" KP_DRY="$dry" \
+  result="$(HOME="$erl_home" KP_NODE="$NODE" KP_PATTERN="$PATTERN" KP_GRACE="$GRACE_MS" KP_DRY="$dry" \
     erl -noshell -hidden "$name_flag" "kill_python_$$" -eval '
       Node = list_to_atom(os:getenv("KP_NODE")),
       Opts = [{pattern, unicode:characters_to_binary(os:getenv("KP_PATTERN"))},
@@ -109,17 +139,28 @@ if [[ -n "$NODE" ]]; then
       case rpc:call(Node, '"'"'Elixir.DSPex.Python.OrphanDetector'"'"',
                     cleanup_orphaned_processes, [Opts], 60000) of
         #{found := F, terminated := T, errors := E, preserved_active := P} ->
-          io:format("🧹 Cleanup complete:~n  - Found: ~b orphaned processes~n"
-                    "  - Terminated: ~b processes~n  - Errors: ~b~n"
-                    "  - Preserved: ~b active workers~n", [F, T, E, P]),
-          halt(case E of 0 -> 0; _ -> 1 end);
+          io:format("RESULT ~b ~b ~b ~b~n", [F, T, E, P]),
+          halt(0);
         Other ->
           io:format(standard_error, "node ~s did not answer: ~p~n", [Node, Other]),
           halt(4)
-      end.'
+      end.')"
   status=$?
   set -e
-  if [[ $status -eq 0 ]]; then echo "✅ Intelligent cleanup completed successfully"; fi
+  if [[ $status -ne 0 ]]; then exit "$status"; fi
+  read -r _ found terminated errors preserved <<<"$result"
+  if [[ $DRY_RUN -eq 1 ]]; then
+    echo "🧹 Cleanup complete (dry run, nothing signalled):"
+  else
+    echo "🧹 Cleanup complete:"
+  fi
+  echo "  - Found: $found orphaned processes"
+  echo "  - Terminated: $terminated processes"
+  echo "  - Errors: $errors"
+  echo "  - Preserved: $preserved active workers"
+  status=0
+  if [[ $errors -ne 0 ]]; then status=1; fi
+  finished "$status"
   exit "$status"
 fi
 
@@ -143,13 +184,15 @@ find_cli() {
 
 if [[ $MANUAL -eq 0 ]] && cli_path="$(find_cli)"; then
   echo "🔧 dspex-proc found, using intelligent (marker-based) cleanup..."
-  args=(cleanup --yes --pattern "$PATTERN" --grace "$GRACE_MS")
+  args=(cleanup --pattern "$PATTERN" --grace "$GRACE_MS")
+  # dspex-proc applies the same confirmation rule itself, on this terminal.
+  if [[ $YES -eq 1 ]]; then args+=(--yes); fi
   if [[ $DRY_RUN -eq 1 ]]; then args+=(--dry-run); fi
   set +e
   "$cli_path" "${args[@]}"
   status=$?
   set -e
-  if [[ $status -eq 0 ]]; then echo "✅ Intelligent cleanup completed successfully"; fi
+  finished "$status"
   exit "$status"
 fi
 
@@ -214,17 +257,7 @@ if [[ $DRY_RUN -eq 1 ]]; then
   exit 0
 fi
 
-if [[ $YES -eq 0 ]]; then
-  if [[ ! -t 0 ]]; then
-    echo "Refusing without --yes: no terminal to ask." >&2
-    exit 3
-  fi
-  read -r -p "Continue with ending ALL processes? (y/N): " answer
-  if [[ "$answer" != "y" && "$answer" != "Y" ]]; then
-    echo "Aborted."
-    exit 3
-  fi
-fi
+confirm "ALL ${#pids[@]} processes will be ended."
 
 # Signal only if the pid still has the start time we recorded: never a recycled pid.
 signal_if_same() {

@@ -151,13 +151,19 @@ defmodule DSPexProcess.MixProject do
     [
       licenses: ["Apache-2.0"],
       links: %{"DSPex (the design this follows)" => "https://github.com/nshkrdotcom/DSPex"},
-      files: ~w(lib mix.exs .formatter.exs README.md LICENSE Cargo.toml Cargo.lock native
-                python kill_python.sh)
+      files: ~w(lib mix.exs .formatter.exs README.md guides LICENSE Cargo.toml Cargo.lock
+                native python kill_python.sh)
     ]
   end
 
   defp docs do
-    [main: "readme", extras: ["README.md", "LICENSE"]]
+    [
+      main: "readme",
+      extras:
+        ["README.md"] ++
+          Enum.map(~w(usage operators guarantees benchmarks internals), &"guides/#{&1}.md") ++
+          ["LICENSE"]
+    ]
   end
 
   def application do

@@ -263,7 +263,17 @@ defmodule DSPexProcess.OperatorToolsTest do
       live = PeerBeam.start(script, 2)
       live_ids = identities(live.worker_pids)
 
-      {out, 0} = kill_python(["--pattern", pattern, "--cli", cli, "--grace", "2000"])
+      # The one confirmation rule: no terminal and no --yes, nothing is signalled.
+      {out, 3} = kill_python(["--pattern", pattern, "--cli", cli])
+      assert out =~ "no terminal"
+      assert all_alive?(orphan_ids)
+
+      {out, 0} = kill_python(["--pattern", pattern, "--cli", cli, "--dry-run"])
+      assert out =~ "Dry run complete: nothing was signalled"
+      refute out =~ "cleanup completed"
+      assert all_alive?(orphan_ids)
+
+      {out, 0} = kill_python(["--pattern", pattern, "--cli", cli, "--grace", "2000", "--yes"])
       assert out =~ "intelligent"
       assert out =~ "Found: 3 orphaned processes"
       assert out =~ "Terminated: 3 processes"
@@ -316,18 +326,18 @@ defmodule DSPexProcess.OperatorToolsTest do
 
       {:ok, host} = :inet.gethostname()
 
-      {out, 0} =
-        kill_python([
-          "--pattern",
-          pattern,
-          "--node",
-          "#{sname}@#{host}",
-          "--cookie",
-          cookie,
-          "--grace",
-          "2000"
-        ])
+      node_args = ["--pattern", pattern, "--node", "#{sname}@#{host}", "--cookie", cookie]
+      {out, 3} = kill_python(node_args)
+      assert out =~ "no terminal"
+      {out, 0} = kill_python(node_args ++ ["--dry-run"])
+      assert out =~ "🧹 Cleanup complete (dry run, nothing signalled):"
+      assert out =~ "Found: 2 orphaned processes"
+      assert out =~ "Dry run complete"
+      assert all_alive?(orphan_ids)
 
+      {out, 0} = kill_python(node_args ++ ["--grace", "2000", "--yes"])
+      assert out =~ "🧹 Cleanup complete:"
+      refute out =~ "\\x{"
       assert out =~ "Found: 2 orphaned processes"
       assert out =~ "Terminated: 2 processes"
       assert out =~ "Preserved: 2 active workers"
@@ -335,7 +345,15 @@ defmodule DSPexProcess.OperatorToolsTest do
       assert all_alive?(node_ids)
 
       {out, 4} =
-        kill_python(["--pattern", pattern, "--node", "nobody_here@#{host}", "--cookie", cookie])
+        kill_python([
+          "--pattern",
+          pattern,
+          "--node",
+          "nobody_here@#{host}",
+          "--cookie",
+          cookie,
+          "--yes"
+        ])
 
       assert out =~ "did not answer"
       PeerBeam.stop(node)
@@ -359,7 +377,7 @@ defmodule DSPexProcess.OperatorToolsTest do
         watch_kill_python(target ++ ["--cookie-file", cookie_file])
 
       assert status == 0, out
-      assert out =~ "Intelligent cleanup completed successfully"
+      assert out =~ "Dry run complete: nothing was signalled"
       erl = erl_processes(seen, script_pid)
       assert erl != [], "erl was never seen: #{inspect(Map.keys(seen))}"
 
@@ -492,9 +510,23 @@ defmodule DSPexProcess.OperatorToolsTest do
 
       for {pid, _} <- orphan_ids, do: assert(out =~ "#{pid}\towner_dead")
 
+      # No terminal, no --yes: refused, nothing signalled.
+      out =
+        capture_io(:stderr, fn ->
+          assert catch_exit(task.(["cleanup", "--pattern", pattern])) == {:shutdown, 3}
+        end)
+
+      assert out =~ "no terminal"
+      assert all_alive?(orphan_ids)
+
       capture_log(fn ->
-        out = capture_io(fn -> task.(["cleanup", "--pattern", pattern, "--grace", "2000"]) end)
+        out =
+          capture_io(fn ->
+            task.(["cleanup", "--pattern", pattern, "--grace", "2000", "--yes"])
+          end)
+
         assert out =~ "Terminated: 2 processes"
+        assert out =~ "Preserved: 0 workers of live VMs"
       end)
 
       assert all_gone?(orphan_ids)

@@ -304,7 +304,7 @@ defmodule DSPex.Python.ProcessRegistry do
 
     if report.found > 0 do
       Logger.info(
-        "DSPex.Python.ProcessRegistry #{inspect(state.name)} ended #{report.terminated} of " <>
+        "#{inspect(state.name)} ended #{report.terminated} of " <>
           "#{report.found} orphan(s) of dead BEAMs on start (#{report.errors} error(s))"
       )
     end
@@ -334,7 +334,7 @@ defmodule DSPex.Python.ProcessRegistry do
 
     if removed != [] do
       Logger.info(
-        "DSPex.Python.ProcessRegistry #{inspect(registry)} removed #{length(removed)} dead " <>
+        "#{inspect(registry)} removed #{length(removed)} dead " <>
           "worker(s): #{inspect(removed)}"
       )
     end

@@ -14,6 +14,11 @@ defmodule Mix.Tasks.Dspex.Orphans do
     * `--min-age MS` - this VM's own unregistered processes younger than this are spared
     * `--include-unmanaged` - also end processes started by hand
     * `--dry-run` - report what `cleanup` would do, signal nothing
+    * `--yes` - do not ask before `cleanup` signals
+
+  Confirmation follows the rule of every destructive tool of the library (`dspex-proc
+  cleanup`, `kill_python.sh`): `cleanup` asks before it signals when it runs on a terminal;
+  with no terminal it refuses (exit status 3) unless `--yes`; `--dry-run` asks nothing.
 
   The task runs in a fresh VM whose registry is empty, which is safe: ownership is read
   from the markers each worker carries, so the workers of your running application (another
@@ -32,7 +37,8 @@ defmodule Mix.Tasks.Dspex.Orphans do
     kill_wait: :integer,
     min_age: :integer,
     include_unmanaged: :boolean,
-    dry_run: :boolean
+    dry_run: :boolean,
+    yes: :boolean
   ]
 
   @impl true
@@ -65,7 +71,7 @@ defmodule Mix.Tasks.Dspex.Orphans do
     case command do
       "status" -> status(opts)
       "find" -> find(opts)
-      "cleanup" -> cleanup(opts)
+      "cleanup" -> cleanup(opts, parsed[:yes] == true)
     end
   end
 
@@ -127,7 +133,8 @@ defmodule Mix.Tasks.Dspex.Orphans do
     fail_if(orphans != [])
   end
 
-  defp cleanup(opts) do
+  defp cleanup(opts, yes?) do
+    confirm!(opts, yes?)
     r = OrphanDetector.cleanup_orphaned_processes(opts)
 
     for {orphan, outcome} <- r.details do
@@ -138,8 +145,44 @@ defmodule Mix.Tasks.Dspex.Orphans do
     Mix.shell().info("  - Found: #{r.found} orphaned processes")
     Mix.shell().info("  - Terminated: #{r.terminated} processes")
     Mix.shell().info("  - Errors: #{r.errors}")
-    Mix.shell().info("  - Preserved: #{r.preserved_active} active workers")
+    p = r.protected
+    # This VM's registry is empty: the application's workers are those of another live VM.
+    Mix.shell().info("  - Preserved: #{p.active + p.starting + p.foreign} workers of live VMs")
     fail_if(r.errors > 0)
+  end
+
+  defp confirm!(opts, yes?) do
+    unless yes? or opts[:dry_run] do
+      count =
+        length(
+          OrphanDetector.find_orphaned_processes(
+            Keyword.drop(opts, [:grace_ms, :kill_wait_ms, :dry_run])
+          )
+        )
+
+      cond do
+        count == 0 ->
+          :ok
+
+        not terminal?() ->
+          Mix.shell().error("Refusing without --yes: no terminal to ask.")
+          exit({:shutdown, 3})
+
+        not Mix.shell().yes?("#{count} orphaned process(es) will be ended. Continue?") ->
+          Mix.shell().info("Aborted.")
+          exit({:shutdown, 3})
+
+        true ->
+          :ok
+      end
+    end
+  end
+
+  defp terminal? do
+    case :io.getopts(:standard_io) do
+      opts when is_list(opts) -> Keyword.get(opts, :terminal, false) == true
+      _ -> false
+    end
   end
 
   defp fail_if(true), do: exit({:shutdown, 1})
