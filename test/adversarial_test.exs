@@ -313,13 +313,24 @@ defmodule DSPexProcess.AdversarialTest do
           guard: false
         )
 
+      worker_id = {Worker.os_pid(w), Worker.info(w).start_time}
       assert eventually(fn -> match?({:ok, <<_, _::binary>>}, File.read(pid_file)) end, 5_000)
       child = pid_file |> File.read!() |> String.to_integer()
       File.rm(pid_file)
       child_id = {child, start_time(child)}
+
+      # Whatever happens below, nothing of this test outlives it.
+      on_exit(fn ->
+        if Process.alive?(w), do: GenServer.stop(w)
+        DSPexProcess.Termination.run([child_id], grace_ms: 0, kill_wait_ms: 1_000)
+      end)
+
+      # The fork is done when the pid is written; the exec of sleep comes a moment later.
+      assert eventually(fn ->
+               File.read("/proc/#{child}/cmdline") == {:ok, "sleep\0" <> "600\0"}
+             end)
+
       assert alive?(child, elem(child_id, 1))
-      assert File.read!("/proc/#{child}/cmdline") == "sleep\0" <> "600\0"
-      worker_id = {Worker.os_pid(w), Worker.info(w).start_time}
 
       GenServer.stop(w)
 
