@@ -30,7 +30,8 @@ usage() {
   cat <<'EOF'
 Usage: kill_python.sh [options]
 
-  --pattern P     literal argv pattern: an argument or its basename (default dspy_bridge.py)
+  --pattern P     literal pattern: the script an interpreter runs, or the program (its
+                  path or basename); default dspy_bridge.py
   --grace MS      milliseconds between SIGTERM and SIGKILL (default 1000)
   --dry-run       show what would be ended; signal nothing
   --yes, -y       do not ask (without a terminal, every mode refuses unless given)
@@ -217,14 +218,59 @@ stat_field() {
 
 self_pgid="$(stat_field $$ 5)"
 
+# Same rule as dspex-proc for a process without ownership markers: the pattern must be the
+# program (argv[0]) or the script its interpreter (python*, pypy*, a POSIX shell) runs,
+# the first operand after the interpreter's options. A process that merely names the
+# pattern (tail -f, an editor, a cleaner's --pattern) is not a worker, and the library's
+# own tools (dspex-proc, kill_python.sh) never are.
+is_pattern() { [[ "$1" == "$PATTERN" || "${1##*/}" == "$PATTERN" ]]; }
+is_own_tool() { [[ "${1##*/}" == "dspex-proc" || "${1##*/}" == "kill_python.sh" ]]; }
+
+script_of() {
+  local prog="${1##*/}" i=1 arg
+  shift
+  local -a args=("$@")
+  case "$prog" in
+    python|python[0-9]*|pypy|pypy[0-9]*)
+      while (( i <= ${#args[@]} )); do
+        arg="${args[$((i - 1))]}"
+        case "$arg" in
+          --) echo "${args[$i]:-}"; return 0 ;;
+          -) return 1 ;;
+          --check-hash-based-pycs) i=$((i + 2)) ;;
+          --*) i=$((i + 1)) ;;
+          -*[cm]*) return 1 ;;
+          -*[WX]) i=$((i + 2)) ;;
+          -*) i=$((i + 1)) ;;
+          *) echo "$arg"; return 0 ;;
+        esac
+      done ;;
+    sh|bash|dash|zsh|ksh|mksh|ash)
+      while (( i <= ${#args[@]} )); do
+        arg="${args[$((i - 1))]}"
+        case "$arg" in
+          --|-) echo "${args[$i]:-}"; return 0 ;;
+          --rcfile|--init-file) i=$((i + 2)) ;;
+          --*) i=$((i + 1)) ;;
+          [-+]*c*) return 1 ;;
+          [-+]*[oO]*) i=$((i + 2)) ;;
+          [-+]*) i=$((i + 1)) ;;
+          *) echo "$arg"; return 0 ;;
+        esac
+      done ;;
+  esac
+  return 1
+}
+
 matches_pattern() {
-  local arg
+  local script
   local -a argv=()
   mapfile -d '' -t argv <"/proc/$1/cmdline" 2>/dev/null || return 1
-  for arg in "${argv[@]}"; do
-    if [[ "$arg" == "$PATTERN" || "${arg##*/}" == "$PATTERN" ]]; then return 0; fi
-  done
-  return 1
+  [[ ${#argv[@]} -gt 0 ]] || return 1
+  is_own_tool "${argv[0]}" && return 1
+  script="$(script_of "${argv[@]}")" || script=""
+  [[ -n "$script" ]] && is_own_tool "$script" && return 1
+  is_pattern "${argv[0]}" || { [[ -n "$script" ]] && is_pattern "$script"; }
 }
 
 pids=()

@@ -39,7 +39,8 @@ defmodule DSPexProcess.ReliabilityTest do
   end
 
   # A process whose child has exited but is never reaped: a zombie that carries nothing
-  # to match, under a parent that itself matches (started detached, so unmanaged).
+  # to match, under a parent that itself matches (a script named by the pattern, run by
+  # one of our ports, so active).
   defp zombie_family(script) do
     code = ~S"""
     import os, sys, time
@@ -50,15 +51,21 @@ defmodule DSPexProcess.ReliabilityTest do
     while True: time.sleep(1)
     """
 
+    dir = Path.join(System.tmp_dir!(), "dspex_zombie_#{System.unique_integer([:positive])}")
+    File.mkdir_p!(dir)
+    parent_script = Path.join(dir, Path.basename(script))
+    File.write!(parent_script, code)
+
     port =
       Port.open({:spawn_executable, python()}, [
         :binary,
         {:line, 100},
-        args: ["-c", code, Path.basename(script)]
+        args: [parent_script]
       ])
 
     {:os_pid, parent} = Port.info(port, :os_pid)
     zombie = receive do: ({^port, {:data, {:eol, line}}} -> String.to_integer(line))
+    File.rm_rf!(dir)
     true = eventually(fn -> File.read!("/proc/#{zombie}/stat") =~ ~r/\) Z / end)
     {port, {parent, start_time(parent)}, zombie}
   end
@@ -353,19 +360,21 @@ defmodule DSPexProcess.ReliabilityTest do
 
   describe "other users" do
     test "an orphan owned by nobody is refused by default and ended when allowed", %{
+      script: script,
       pattern: pattern
     } do
       setpriv = System.find_executable("setpriv") || flunk("setpriv (util-linux) is needed")
 
+      # The bridge, lingering, as nobody, detached (its parent exits: re-parented).
       {_, 0} =
         System.cmd("sh", [
           "-c",
-          ~s(setsid "$0" --reuid=nobody --regid=nogroup --clear-groups sh -c 'while :; do sleep 1; done' "$1" </dev/null >/dev/null 2>&1 &),
+          ~s(setsid "$0" --reuid=nobody --regid=nogroup --clear-groups "$1" "$2" --linger </dev/null >/dev/null 2>&1 &),
           setpriv,
-          pattern
+          python(),
+          script
         ])
 
-      # setpriv itself carries the pattern until it has switched user and exec'd sh.
       assert eventually(fn ->
                match?(
                  [%{uid: uid}] when uid != 0,

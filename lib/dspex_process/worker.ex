@@ -9,9 +9,15 @@ defmodule DSPexProcess.Worker do
   `DSPEX_OWNER_START`, `DSPEX_RUN_ID`, `DSPEX_WORKER_ID`, `DSPEX_FINGERPRINT`) and registers
   with `DSPex.Python.ProcessRegistry`.
 
-  It traps exits. When it stops it unregisters, closes the port and ends its own Python
-  process: SIGTERM to the process group, SIGKILL after `:shutdown_grace_ms`, each signal
-  only after the process's pid and start time are checked again.
+  It traps exits. When it stops it unregisters, ends its own Python process with its
+  process group and its descendants (found by parent links, whatever their session):
+  SIGTERM, SIGKILL after `:shutdown_grace_ms`, each signal only after the process's pid and
+  start time are checked again; then it closes the port.
+
+  Start errors are named before anything is spawned: an interpreter that is not executable,
+  a worker id, argument or environment string with a NUL byte, or longer than the kernel
+  takes (E2BIG), each raise `ArgumentError` saying so. A spawn that still fails stops the
+  worker with `{:spawn_failed, program, reason}`.
 
   ## Options
 
@@ -174,15 +180,28 @@ defmodule DSPexProcess.Worker do
           {guard_executable!(), ["exec" | death] ++ limit_args(limits) ++ ["--" | python_argv]}
       end
 
-    port =
-      Port.open({:spawn_executable, program}, [
-        :binary,
-        :exit_status,
-        {:packet, 4},
-        args: args,
-        env: Enum.map(env, fn {k, v} -> {String.to_charlist(k), String.to_charlist(v)} end)
-      ])
+    case open_port(program, args, env) do
+      {:ok, port} -> register(port, id, fingerprint, opts)
+      {:error, reason} -> {:stop, {:spawn_failed, program, reason}}
+    end
+  end
 
+  # Everything that can be checked is checked before (validate!/1); what is left (a
+  # filesystem mounted noexec, a file removed meanwhile) is an error naming the program.
+  defp open_port(program, args, env) do
+    {:ok,
+     Port.open({:spawn_executable, program}, [
+       :binary,
+       :exit_status,
+       {:packet, 4},
+       args: args,
+       env: Enum.map(env, fn {k, v} -> {String.to_charlist(k), String.to_charlist(v)} end)
+     ])}
+  rescue
+    e in ErlangError -> {:error, e.original}
+  end
+
+  defp register(port, id, fingerprint, opts) do
     {:os_pid, os_pid} = Port.info(port, :os_pid)
 
     # Registration records the start time; checking *after* it that the pid is still our
@@ -267,13 +286,16 @@ defmodule DSPexProcess.Worker do
       ProcessRegistry.NotRunningError -> :ok
     end
 
-    if state.port, do: safe_close(state.port)
-
+    # The process is ended while the port still holds it open: closing first would let it
+    # exit on stdin EOF before it is pinned, and its descendants that left its session
+    # (setsid) could then no longer be found by their parent links.
     [outcome] =
       DSPexProcess.Termination.run([{state.os_pid, state.start_time}],
         grace_ms: state.grace,
         kill_wait_ms: 1_000
       )
+
+    if state.port, do: safe_close(state.port)
 
     case outcome do
       {:ok, _} ->
@@ -356,6 +378,7 @@ defmodule DSPexProcess.Worker do
     script = opts[:script] || default_script()
 
     check!(is_binary(python) and File.regular?(python), :python, opts[:python] || "python3")
+    check_executable!(python)
     check!(is_binary(script) and File.regular?(script), :script, script)
     check!(is_list(opts[:args]) and Enum.all?(opts[:args], &is_binary/1), :args, opts[:args])
 
@@ -365,6 +388,8 @@ defmodule DSPexProcess.Worker do
       :env,
       opts[:env]
     )
+
+    check_exec_strings!(opts[:worker_id], [python, script | opts[:args]], opts[:env])
 
     check!(is_atom(opts[:registry]), :registry, opts[:registry])
     grace = opts[:shutdown_grace_ms]
@@ -413,6 +438,73 @@ defmodule DSPexProcess.Worker do
     raise ArgumentError,
           "invalid value for :guard: #{inspect(other)}, expected a boolean or one of " <>
             inspect(@guard_signals)
+  end
+
+  # A program that exists but cannot be run gives a clear error here, not an :eacces from
+  # inside the port.
+  defp check_executable!(path) do
+    case File.stat(path) do
+      {:ok, %{type: :regular, mode: mode}} when Bitwise.band(mode, 0o111) != 0 ->
+        :ok
+
+      _ ->
+        raise ArgumentError,
+              "invalid value for :python: #{inspect(path)} is not executable (permission denied)"
+    end
+  end
+
+  # The kernel's limit on one argument or environment string (MAX_ARG_STRLEN): longer ones
+  # make execve fail with E2BIG.
+  @max_arg_bytes 131_072
+  # The worker id is stamped twice (DSPEX_WORKER_ID and inside DSPEX_FINGERPRINT).
+  @max_id_bytes 65_536
+
+  # What execve cannot take: NUL bytes (they end a C string) and strings past the kernel's
+  # limit. Checked before anything is spawned.
+  defp check_exec_strings!(worker_id, argv, env) do
+    id = id_string(worker_id)
+
+    cond do
+      String.contains?(id, <<0>>) ->
+        raise ArgumentError,
+              "invalid :worker_id: #{inspect(worker_id, limit: 5, printable_limit: 64)} " <>
+                "contains a NUL byte, which cannot be passed in an environment variable"
+
+      byte_size(id) > @max_id_bytes ->
+        raise ArgumentError,
+              "invalid :worker_id: #{byte_size(id)} bytes as a string, more than " <>
+                "#{@max_id_bytes}: it is stamped in the worker's environment, where the " <>
+                "kernel refuses strings this long (E2BIG)"
+
+      true ->
+        :ok
+    end
+
+    for arg <- argv, do: check_exec_string!(:args, arg)
+    for {k, v} <- env, do: check_exec_string!(:env, k <> "=" <> v)
+
+    for {k, _} <- env, k == "" or String.contains?(k, "=") do
+      raise ArgumentError, "invalid :env name #{inspect(k)}: empty or contains \"=\""
+    end
+
+    :ok
+  end
+
+  defp check_exec_string!(key, string) do
+    cond do
+      String.contains?(string, <<0>>) ->
+        raise ArgumentError,
+              "invalid value for #{inspect(key)}: #{inspect(string, printable_limit: 64)} " <>
+                "contains a NUL byte, which cannot be passed to a program"
+
+      byte_size(string) >= @max_arg_bytes ->
+        raise ArgumentError,
+              "invalid value for #{inspect(key)}: a string of #{byte_size(string)} bytes, " <>
+                "the kernel takes at most #{@max_arg_bytes - 1} (E2BIG)"
+
+      true ->
+        :ok
+    end
   end
 
   defp check!(true, _key, _value), do: :ok

@@ -5,43 +5,21 @@ defmodule DSPex.Python.OrphanDetector do
 
   ## How a process is classified
 
-  Every live process whose argv matches the pattern (by default an argument whose basename
-  is `dspy_bridge.py`; a literal match, never a regex) gets exactly one class. The first
-  row that fits decides:
-
-  | class | when | cleanup |
-  |---|---|---|
-  | `:zombie` | it has exited (state Z or X) | counted, never signalled |
-  | `:active` | registered here (pid **and** start time) with a live Elixir worker, or forked by such a worker | protected |
-  | `:starting` | this BEAM's own (by marker, or an unmarked direct port child), not registered, younger than `:min_age_ms` | protected |
-  | `:foreign` | its marker names another BEAM that is alive (pid + start time, and it is a BEAM); or unmarked with another live BEAM among its ancestors | protected |
-  | `:unmanaged` | unmarked, its parent is alive and not PID 1 or a known subreaper (e.g. started from a shell) | protected unless `include_unmanaged: true` |
-  | `:orphan` | marker names a dead BEAM (`:owner_dead`); this BEAM's own but unregistered and older than `:min_age_ms` (`:worker_gone`); unmarked and re-parented to PID 1 or a subreaper (`:reparented`) | terminated |
-
-  Markers are environment variables that `DSPexProcess.Worker` stamps on each Python
-  process (the owner BEAM's pid and start time, a run id, the worker id, the fingerprint),
-  read back from `/proc/PID/environ`. They make ownership outlive the owner's memory: a
-  BEAM started after a crash, or the CLI, can tell whose worker a process is.
-
-  When no registry is running, this BEAM's own processes are never condemned (there is no
-  way to tell a live one from a leaked one), but orphans of dead BEAMs still are.
-
-  ## Termination
-
-  Cleanup classifies again at the moment it acts, pins every target with a pidfd after
-  re-checking its start time, sends SIGTERM to all of them at once (to the whole process
-  group when the target leads one), waits on one shared deadline (`:grace_ms`), sends
-  SIGKILL to the survivors and waits `:kill_wait_ms` more. Ending 500 orphans takes about
-  one grace period, not 500. It never signals PID 1, this BEAM, its ancestors, its own
-  process group, or another user's process (unless `allow_other_users: true`).
-
-  ## Options
+  Every live process that the pattern names as a worker (literal bytes, never a regex; by
+  default `dspy_bridge.py`) gets exactly one class: `:zombie`, `:active`, `:starting`,
+  `:foreign`, `:unmanaged` or `:orphan` (with its reason: `:owner_dead`, `:worker_gone`,
+  `:reparented`). Only orphans are ended; `:unmanaged` ones too with
+  `include_unmanaged: true`. A process carrying the library's markers is a candidate when
+  any argument (or its basename) equals the pattern; one without markers only when the
+  pattern names its program (`argv[0]`) or the script its interpreter runs — a process that
+  merely names the pattern in its arguments is not a worker. The table that decides, with
+  every rule beyond it, is in the usage guide (`guides/usage.md`, "Orphan detection and
+  cleanup").
 
   Every function takes a keyword list; unknown keys and bad values raise `ArgumentError`.
 
-    * `:pattern` - a string or a list of strings (1 to 64, each 1 to 4096 bytes, no NUL)
-      matched literally against each argv element and its basename. Default
-      `"dspy_bridge.py"`.
+    * `:pattern` - a string or a list of strings (1 to 64, each 1 to 4096 bytes, no NUL),
+      matched literally as described above. Default `"dspy_bridge.py"`.
     * `:registry` - the registry whose counts `get_system_status/1` reports. Default
       `DSPex.Python.ProcessRegistry`. (Classification counts the workers of *every*
       running registry as active, and the OS process of every open port of this VM.)

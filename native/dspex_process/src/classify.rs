@@ -56,11 +56,37 @@ pub struct ProcInfo {
     pub ppid: i32,
     pub start_time: u64,
     pub comm: String,
+    /// It has exited (zombie or dead, no thread left): a zombie keeps its name and start
+    /// time until it is reaped, but it owns nothing any more.
+    pub exited: bool,
+}
+
+/// What a lookup of one pid found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    Found(ProcInfo),
+    /// No process has this pid (the kernel says so: ESRCH).
+    Gone,
+    /// The process exists but cannot be read (`hidepid`, EACCES, out of descriptors):
+    /// nothing about it is known, so nothing may be concluded from it.
+    Hidden,
 }
 
 /// Looks processes up by pid (from `/proc` in production, from a table in unit tests).
 pub trait ProcessLookup {
-    fn get(&mut self, pid: i32) -> Option<ProcInfo>;
+    fn get(&mut self, pid: i32) -> Seen;
+}
+
+/// How far the walk up the parents went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Up to PID 1 (or a process without a parent).
+    Complete,
+    /// An ancestor exited this instant: the chain is cut by a race, not by a wall.
+    Broken,
+    /// An ancestor exists but cannot be read, or the chain is longer than we follow: what
+    /// lies above is unknown (it may be a live VM).
+    Hidden,
 }
 
 /// Who is looking: the VM (or nothing, for the CLI) and what it knows to be in use.
@@ -137,14 +163,14 @@ impl Context {
 /// Classifies one candidate.
 pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessLookup) -> Class {
     let facts = &candidate.facts;
-    if facts.state.has_exited() {
+    if facts.has_exited() {
         return Class::Zombie;
     }
     if ctx.in_use(facts.pid.as_raw(), facts.start_time) {
         return Class::Active;
     }
 
-    let ancestry = ancestors(facts.ppid, lookup);
+    let (ancestry, walk) = ancestors(facts.ppid, lookup);
     let beam_pid = ctx.beam_pid();
     // A child the worker forked (multiprocessing), or anything an open port of ours runs,
     // is in use too. The walk stops at the first VM: what lies above belongs to it.
@@ -162,6 +188,19 @@ pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessL
         .find(|(_, info)| is_beam(&info.comm))
         .map(|(p, _)| *p);
     if nearest_vm.is_some_and(|vm| Some(vm) != beam_pid) {
+        return Class::Foreign;
+    }
+    // Started by one of the library's own tools: theirs, never a target.
+    if ancestry
+        .iter()
+        .take_while(|(_, info)| !is_beam(&info.comm))
+        .any(|(_, info)| crate::scan::OWN_TOOLS.contains(&info.comm.as_str()))
+    {
+        return Class::Foreign;
+    }
+    // An ancestor we cannot see (hidepid) may be a live VM: cannot tell means protected,
+    // whatever the markers say.
+    if nearest_vm.is_none() && walk == Walk::Hidden {
         return Class::Foreign;
     }
 
@@ -194,10 +233,9 @@ pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessL
     }
 
     if let Some(m) = markers {
-        return if is_live_beam(&m.owner, lookup) {
-            Class::Foreign
-        } else {
-            Class::Orphan(OrphanReason::OwnerDead)
+        return match owner_state(&m.owner, lookup) {
+            OwnerState::Alive | OwnerState::Unknown => Class::Foreign,
+            OwnerState::Dead => Class::Orphan(OrphanReason::OwnerDead),
         };
     }
 
@@ -256,12 +294,21 @@ pub fn uptime_ticks(ticks_per_second: u64) -> u64 {
         .map_or(0, |secs| (secs * ticks_per_second as f64) as u64)
 }
 
-/// `(pid, info)` from the parent up to (and including) PID 1.
-fn ancestors(ppid: i32, lookup: &mut impl ProcessLookup) -> Vec<(i32, ProcInfo)> {
+/// `(pid, info)` from the parent up to (and including) PID 1, and how far the walk got.
+/// PID 1 ends the walk even when it cannot be read: it is init, whatever else it is.
+fn ancestors(ppid: i32, lookup: &mut impl ProcessLookup) -> (Vec<(i32, ProcInfo)>, Walk) {
     let mut chain = Vec::new();
     let mut next = ppid;
-    while next > 0 && chain.len() < MAX_ANCESTRY {
-        let Some(info) = lookup.get(next) else { break };
+    while next > 0 {
+        if chain.len() >= MAX_ANCESTRY {
+            return (chain, Walk::Hidden);
+        }
+        let info = match lookup.get(next) {
+            Seen::Found(info) => info,
+            Seen::Hidden if next == 1 => break,
+            Seen::Hidden => return (chain, Walk::Hidden),
+            Seen::Gone => return (chain, Walk::Broken),
+        };
         let parent = info.ppid;
         chain.push((next, info));
         if next == 1 {
@@ -269,17 +316,17 @@ fn ancestors(ppid: i32, lookup: &mut impl ProcessLookup) -> Vec<(i32, ProcInfo)>
         }
         next = parent;
     }
-    chain
+    (chain, Walk::Complete)
 }
 
 /// Reads ancestors from `/proc`, remembering what it read during one classification pass.
 #[derive(Default)]
 pub struct ProcLookup {
-    cache: HashMap<i32, Option<ProcInfo>>,
+    cache: HashMap<i32, Seen>,
 }
 
 impl ProcessLookup for ProcLookup {
-    fn get(&mut self, pid: i32) -> Option<ProcInfo> {
+    fn get(&mut self, pid: i32) -> Seen {
         self.cache
             .entry(pid)
             .or_insert_with(|| read_proc_info(pid))
@@ -287,11 +334,30 @@ impl ProcessLookup for ProcLookup {
     }
 }
 
-/// Whether `owner` names a live BEAM now: same pid, same start time, and a VM's name.
-pub fn is_live_beam(owner: &ProcessIdentity, lookup: &mut impl ProcessLookup) -> bool {
-    lookup
-        .get(owner.pid.as_raw())
-        .is_some_and(|info| info.start_time == owner.start_time && is_beam(&info.comm))
+/// What is known of the BEAM a marker names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerState {
+    /// Same pid, same start time, a VM's name, not exited.
+    Alive,
+    /// Its pid is free, names another process, or names a zombie (exited, not yet reaped).
+    Dead,
+    /// Its pid exists but cannot be read (hidepid, EACCES): it may be the live owner.
+    Unknown,
+}
+
+/// Whether `owner` names a live BEAM now.
+pub fn owner_state(owner: &ProcessIdentity, lookup: &mut impl ProcessLookup) -> OwnerState {
+    match lookup.get(owner.pid.as_raw()) {
+        Seen::Found(info) => {
+            if info.start_time == owner.start_time && is_beam(&info.comm) && !info.exited {
+                OwnerState::Alive
+            } else {
+                OwnerState::Dead
+            }
+        }
+        Seen::Gone => OwnerState::Dead,
+        Seen::Hidden => OwnerState::Unknown,
+    }
 }
 
 /// Health by the share of orphans among matching processes: 0, under 10 %, under 30 %, more.
@@ -304,13 +370,30 @@ pub fn health(orphans: usize, total: usize) -> &'static str {
     }
 }
 
-fn read_proc_info(pid: i32) -> Option<ProcInfo> {
-    let stat = crate::Stat::read(pid).ok()?;
-    Some(ProcInfo {
-        ppid: stat.ppid,
-        start_time: stat.start_time,
-        comm: stat.comm,
-    })
+fn read_proc_info(pid: i32) -> Seen {
+    match crate::Stat::read(pid) {
+        Ok(stat) => Seen::Found(ProcInfo {
+            ppid: stat.ppid,
+            start_time: stat.start_time,
+            exited: stat.has_exited(),
+            comm: stat.comm,
+        }),
+        // With hidepid, another user's /proc/PID does not exist for us: only the kernel's
+        // ESRCH says the process is gone.
+        Err(crate::Error::NoSuchProcess(_)) if !pid_exists(pid) => Seen::Gone,
+        Err(_) => Seen::Hidden,
+    }
+}
+
+/// Whether any process has `pid`, asked of the kernel rather than of `/proc`:
+/// `kill(pid, 0)` fails with ESRCH only when there is none (EPERM means there is one).
+pub fn pid_exists(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks existence and permission; nothing is sent.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 #[cfg(test)]
@@ -328,16 +411,24 @@ mod tests {
     struct Table(HashMap<i32, ProcInfo>);
 
     impl ProcessLookup for Table {
-        fn get(&mut self, pid: i32) -> Option<ProcInfo> {
-            self.0.get(&pid).cloned()
+        fn get(&mut self, pid: i32) -> Seen {
+            match self.0.get(&pid) {
+                Some(info) if info.comm == HIDDEN => Seen::Hidden,
+                Some(info) => Seen::Found(info.clone()),
+                None => Seen::Gone,
+            }
         }
     }
+
+    /// The comm of table entries that exist but cannot be read (hidepid).
+    const HIDDEN: &str = "<hidden>";
 
     fn info(ppid: i32, start_time: u64, comm: &str) -> ProcInfo {
         ProcInfo {
             ppid,
             start_time,
             comm: comm.into(),
+            exited: false,
         }
     }
 
@@ -384,7 +475,9 @@ mod tests {
                 state: ProcessState::Sleeping,
                 start_time: start,
                 comm: "python3".into(),
+                threads: 1,
                 argv: vec!["python3".into(), "dspy_bridge.py".into()],
+                cmdline: b"python3\0dspy_bridge.py\0".to_vec(),
             },
             markers: match owner {
                 Some((p, s)) => MarkerRead::Present(Markers {
@@ -611,6 +704,108 @@ mod tests {
             class_of(&candidate(902, HELPER, 100, None), &ctx),
             Class::Foreign
         );
+    }
+
+    #[test]
+    fn what_cannot_be_seen_protects() {
+        let ctx = ctx();
+        let mut t = table();
+        // hidepid: the owner VM exists but cannot be read. Never "owner dead".
+        t.0.insert(4242, info(1, 1, HIDDEN));
+        let marked = candidate(900, 1, 100, Some((4242, 1)));
+        assert_eq!(classify(&marked, &ctx, &mut t), Class::Foreign);
+        // A hidden parent (the VM's port helper, say) of a marked or an unmarked process:
+        // what lies above may be a live VM.
+        t.0.insert(950, info(1, 50, HIDDEN));
+        let under_hidden = candidate(901, 950, 100, Some((9999, 1)));
+        assert_eq!(classify(&under_hidden, &ctx, &mut t), Class::Foreign);
+        let unmarked = candidate(902, 950, 100, None);
+        assert_eq!(classify(&unmarked, &ctx, &mut t), Class::Foreign);
+        // Hidden higher up the chain, above a visible shell.
+        t.0.insert(951, info(950, 51, "sh"));
+        let deeper = candidate(903, 951, 100, Some((9999, 1)));
+        assert_eq!(classify(&deeper, &ctx, &mut t), Class::Foreign);
+        // PID 1 unreadable is still init: a re-parented process is an orphan.
+        t.0.insert(1, info(0, 1, HIDDEN));
+        let reparented = candidate(904, 1, 100, None);
+        assert_eq!(
+            classify(&reparented, &ctx, &mut t),
+            Class::Orphan(OrphanReason::Reparented)
+        );
+        let dead_owner = candidate(905, 1, 100, Some((9999, 1)));
+        assert_eq!(
+            classify(&dead_owner, &ctx, &mut t),
+            Class::Orphan(OrphanReason::OwnerDead)
+        );
+    }
+
+    #[test]
+    fn a_zombie_owner_is_dead() {
+        let ctx = ctx();
+        let mut t = table();
+        t.0.get_mut(&OTHER_BEAM).unwrap().exited = true;
+        let c = candidate(700, 1, 100, Some((OTHER_BEAM, 20)));
+        assert_eq!(
+            classify(&c, &ctx, &mut t),
+            Class::Orphan(OrphanReason::OwnerDead)
+        );
+    }
+
+    #[test]
+    fn what_our_own_tools_start_is_theirs() {
+        let ctx = ctx();
+        let mut t = table();
+        t.0.insert(360, info(1, 36, "kill_python.sh"));
+        assert_eq!(
+            classify(&candidate(361, 360, 100, None), &ctx, &mut t),
+            Class::Foreign
+        );
+    }
+
+    #[test]
+    fn workers_of_a_zombie_vm_are_orphans() {
+        use crate::test_util::{eventually, script_named, unique_tag, PYTHON};
+        use std::process::Command;
+        // A stand-in VM: `sleep` under the name beam.smp. This test is its parent, kills it
+        // with SIGKILL and does not reap it: a zombie that keeps its name and start time.
+        let dir = script_named(b"unused", "").parent().unwrap().to_path_buf();
+        let fake_beam = dir.join("beam.smp");
+        std::fs::copy("/bin/sleep", &fake_beam).unwrap();
+        let mut vm = Command::new(&fake_beam).arg("60").spawn().unwrap();
+        let vm_pid = Pid::new(i64::from(vm.id())).unwrap();
+        let vm_id = ProcessIdentity::of(vm_pid).unwrap();
+        assert!(eventually(Duration::from_secs(5), || {
+            crate::Stat::read(vm_pid.as_raw()).is_ok_and(|s| s.comm == "beam.smp")
+        }));
+        let tag = unique_tag("zombie_vm");
+        let script = script_named(tag.as_bytes(), "import time\nwhile True: time.sleep(1)");
+        let mut worker = Command::new(PYTHON.as_str())
+            .arg(&script)
+            .env("DSPEX_OWNER_PID", vm_id.pid.to_string())
+            .env("DSPEX_OWNER_START", vm_id.start_time.to_string())
+            .env(
+                "DSPEX_OWNER_PIDNS",
+                crate::markers::own_pid_namespace().unwrap().to_string(),
+            )
+            .spawn()
+            .unwrap();
+        let pattern = Pattern::new(&[tag.as_str()]).unwrap();
+        let class = || {
+            detect(&pattern, Viewpoint::default())
+                .first()
+                .map(|d| d.class)
+        };
+        assert!(eventually(Duration::from_secs(5), || class() == Some(Class::Foreign)));
+        // SIGKILL, never reaped: the zombie is not a live VM.
+        vm.kill().unwrap();
+        assert!(eventually(Duration::from_secs(5), || {
+            crate::Stat::read(vm_pid.as_raw()).is_ok_and(|s| s.has_exited())
+        }));
+        let got = class();
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+        vm.wait().unwrap();
+        assert_eq!(got, Some(Class::Orphan(OrphanReason::OwnerDead)));
     }
 
     #[test]

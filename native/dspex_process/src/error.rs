@@ -17,7 +17,12 @@ pub enum Error {
     InvalidPattern(String),
     /// Anything else the kernel said while reading `/proc`.
     #[error("reading /proc/{pid} failed: {message}")]
-    Proc { pid: i32, message: String },
+    Proc {
+        pid: i32,
+        message: String,
+        /// The kernel's error number, when there was one (EMFILE, EIO...).
+        errno: Option<i32>,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -33,7 +38,19 @@ impl Error {
             _ => Error::Proc {
                 pid,
                 message: e.to_string(),
+                errno: e.raw_os_error(),
             },
+        }
+    }
+
+    /// The error number to report for a read that failed: the kernel's, or EIO for an
+    /// unparsable file.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::NoSuchProcess(_) => libc::ESRCH,
+            Error::PermissionDenied(_) => libc::EACCES,
+            Error::Proc { errno, .. } => errno.unwrap_or(libc::EIO),
+            Error::InvalidPid(_) | Error::InvalidPattern(_) => libc::EINVAL,
         }
     }
 

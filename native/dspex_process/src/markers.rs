@@ -1,7 +1,9 @@
 //! Ownership markers: environment variables stamped on every worker at spawn, so any later
 //! reader of `/proc/PID/environ` can name the worker's owner without the owner's memory.
 
-use crate::error::{Error, Result};
+#[cfg(test)]
+use crate::error::Error;
+use crate::error::Result;
 use crate::identity::{Pid, ProcessIdentity};
 
 /// The BEAM's OS pid.
@@ -31,10 +33,9 @@ impl Markers {
     /// The markers of `pid`. `Ok(None)` when the process carries none (or they do not
     /// parse); `Err(PermissionDenied)` when its environment is not ours to read.
     pub fn read(pid: Pid) -> Result<Option<Markers>> {
-        let raw = pid.as_raw();
-        std::fs::read(format!("/proc/{raw}/environ"))
+        // A live thread's copy when the main thread has exited (the leader's is empty).
+        crate::proc_facts::read_task_file(pid.as_raw(), "environ", None)
             .map(|bytes| parse_environ(&bytes))
-            .map_err(|e| Error::from_io(raw, e))
     }
 
     /// The `KEY=value` pairs to put in a worker's environment.

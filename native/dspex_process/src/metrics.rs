@@ -39,14 +39,27 @@ pub fn read_metrics(identities: &[ProcessIdentity]) -> Vec<Option<ProcessMetrics
 mod tests {
     use super::*;
     use crate::identity::Pid;
-    use crate::test_util::{spawn_python, unique_tag};
+    use crate::test_util::{script_named, unique_tag, PYTHON};
 
     #[test]
     fn measures_a_real_busy_child_and_refuses_stale_identities() {
-        // Burns CPU for a moment, holds 20 MB and a second thread, then sleeps.
-        let code = "import threading, time\nblob = bytearray(20 * 1024 * 1024)\nt0 = time.time()\nwhile time.time() - t0 < 0.3: pass\nthreading.Thread(target=time.sleep, args=(30,)).start()\ntime.sleep(30)";
-        let mut child = spawn_python(code, &unique_tag("metrics"));
+        // Burns 0.3 s of CPU (process time, so a loaded machine only makes it slower),
+        // holds 20 MB and a second thread, says so, then sleeps.
+        let code = "import threading, time\nblob = bytearray(20 * 1024 * 1024)\nwhile time.process_time() < 0.3: pass\nthreading.Thread(target=time.sleep, args=(30,)).start()\nprint('ready', flush=True)\ntime.sleep(30)";
+        let script = script_named(unique_tag("metrics").as_bytes(), code);
+        let mut child = std::process::Command::new(PYTHON.as_str())
+            .arg(script)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         let id = ProcessIdentity::of(Pid::new(i64::from(child.id())).unwrap()).unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
         std::thread::sleep(std::time::Duration::from_millis(700));
         let stale = ProcessIdentity {
             start_time: id.start_time + 1,

@@ -64,8 +64,14 @@ pub struct ProcessFacts {
     /// Clock ticks since boot (`/proc/PID/stat` field 22).
     pub start_time: u64,
     pub comm: String,
-    /// The argument vector; empty for zombies and kernel threads.
+    /// Live threads, with the thread-group leader counted while it is not reaped.
+    pub threads: u64,
+    /// The argument vector, decoded for display (bytes that are not UTF-8 replaced); empty
+    /// for zombies and kernel threads.
     pub argv: Vec<String>,
+    /// The raw `/proc/PID/cmdline`: NUL-separated, bytes as the kernel holds them. Matching
+    /// is done on these, never on the decoded `argv`.
+    pub cmdline: Vec<u8>,
 }
 
 impl ProcessFacts {
@@ -75,21 +81,35 @@ impl ProcessFacts {
         let raw = pid.as_raw();
         let stat = Stat::read(raw)?;
         let uid = read_uid(raw)?;
-        let argv = read_argv(pid)?;
+        let cmdline = read_cmdline(raw, &stat)?;
         if ProcessFacts::read_start_time(pid)? != stat.start_time {
             return Err(Error::NoSuchProcess(raw));
         }
+        // A process whose main thread exited (pthread_exit) shows the leader's state, Z,
+        // while its other threads run: report the state of a live thread.
+        let state = if stat.leader_exited() {
+            live_task_state(raw).unwrap_or(stat.state)
+        } else {
+            stat.state
+        };
         Ok(ProcessFacts {
             pid,
             ppid: stat.ppid,
             pgid: stat.pgid,
             sid: stat.sid,
             uid,
-            state: stat.state,
+            state,
             start_time: stat.start_time,
             comm: stat.comm,
-            argv,
+            threads: stat.threads,
+            argv: split_cmdline(&cmdline),
+            cmdline,
         })
+    }
+
+    /// Whether the process has exited: zombie or dead, with no thread left running.
+    pub fn has_exited(&self) -> bool {
+        self.state.has_exited()
     }
 
     /// Reads only the start time: one small read of `/proc/PID/stat`. This is the hot path
@@ -103,6 +123,7 @@ fn unparsable(pid: i32) -> Error {
     Error::Proc {
         pid,
         message: "unparsable /proc/PID/stat".to_string(),
+        errno: None,
     }
 }
 
@@ -132,6 +153,70 @@ impl Stat {
         let len = read_small(&format!("/proc/{pid}/stat"), &mut buf, pid)?;
         parse_stat(&buf[..len]).ok_or_else(|| unparsable(pid))
     }
+
+    /// Whether the whole process has exited. The leader's state alone does not say it: a
+    /// leader that called `pthread_exit` is a zombie (`Zl`) while its other threads run,
+    /// and the thread count then still includes the unreaped leader (> 1). A real zombie
+    /// counts 1.
+    pub fn has_exited(&self) -> bool {
+        self.state.has_exited() && self.threads <= 1
+    }
+
+    /// The main thread has exited but other threads still run.
+    pub fn leader_exited(&self) -> bool {
+        self.state.has_exited() && self.threads > 1
+    }
+}
+
+/// The state of the first live thread of `pid`, for a process whose leader has exited.
+fn live_task_state(pid: i32) -> Option<ProcessState> {
+    task_ids(pid).into_iter().find_map(|tid| {
+        let mut buf = [0u8; 1024];
+        let len = read_small(&format!("/proc/{pid}/task/{tid}/stat"), &mut buf, pid).ok()?;
+        let state = parse_stat(&buf[..len])?.state;
+        (!state.has_exited()).then_some(state)
+    })
+}
+
+/// The thread ids of `pid`, leader first when present.
+fn task_ids(pid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut tids: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort_unstable_by_key(|t| (*t != pid, *t));
+    tids
+}
+
+/// Reads `/proc/PID/<file>` (cmdline, environ). When the leader has exited while other
+/// threads run, the leader's copy is empty: the file of a live thread holds the data,
+/// since every thread shares the address space.
+pub(crate) fn read_task_file(pid: i32, file: &str, stat: Option<&Stat>) -> Result<Vec<u8>> {
+    let leader = std::fs::read(format!("/proc/{pid}/{file}")).map_err(|e| Error::from_io(pid, e));
+    if matches!(&leader, Ok(bytes) if !bytes.is_empty()) {
+        return leader;
+    }
+    // Empty, or refused (the leader's copy of a Zl process can answer ESRCH): only a
+    // process whose leader exited while other threads run has its data elsewhere.
+    let leader_exited = match stat {
+        Some(stat) => stat.leader_exited(),
+        None => Stat::read(pid).is_ok_and(|s| s.leader_exited()),
+    };
+    if !leader_exited {
+        return leader;
+    }
+    task_ids(pid)
+        .into_iter()
+        .filter(|tid| *tid != pid)
+        .find_map(|tid| {
+            std::fs::read(format!("/proc/{pid}/task/{tid}/{file}"))
+                .ok()
+                .filter(|b| !b.is_empty())
+        })
+        .map_or(leader, Ok)
 }
 
 /// Every pid in `/proc` now, in no particular order.
@@ -189,12 +274,21 @@ fn read_small(path: &str, buf: &mut [u8], pid: i32) -> Result<usize> {
     file.read(buf).map_err(|e| Error::from_io(pid, e))
 }
 
-/// The argv of `pid`, split on NUL; bytes that are not UTF-8 are replaced, never fatal.
-fn read_argv(pid: Pid) -> Result<Vec<String>> {
-    let raw = pid.as_raw();
-    std::fs::read(format!("/proc/{raw}/cmdline"))
-        .map(|bytes| split_cmdline(&bytes))
-        .map_err(|e| Error::from_io(raw, e))
+/// The raw cmdline of `pid` (a live thread's when the leader has exited).
+fn read_cmdline(pid: i32, stat: &Stat) -> Result<Vec<u8>> {
+    read_task_file(pid, "cmdline", Some(stat))
+}
+
+/// The raw cmdline of `pid`, for a scan that found the leader's copy empty: a live
+/// thread's when the leader has exited, `None` otherwise (kernel threads, zombies).
+pub(crate) fn cmdline_of_exited_leader(pid: i32) -> Option<Vec<u8>> {
+    let stat = Stat::read(pid).ok()?;
+    if !stat.leader_exited() {
+        return None;
+    }
+    read_task_file(pid, "cmdline", Some(&stat))
+        .ok()
+        .filter(|b| !b.is_empty())
 }
 
 /// Splits the raw contents of `/proc/PID/cmdline` into arguments.
@@ -290,7 +384,7 @@ mod tests {
         assert_eq!(facts.comm, "sleep");
         assert_eq!(facts.uid, nix::unistd::getuid().as_raw());
         assert_eq!(facts.pgid, nix::unistd::getpgrp().as_raw());
-        assert!(!facts.state.has_exited());
+        assert!(!facts.has_exited());
         assert_eq!(
             facts.start_time,
             ProcessFacts::read_start_time(pid).unwrap()
@@ -301,7 +395,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let zombie = loop {
             let f = ProcessFacts::read(pid).unwrap();
-            if f.state.has_exited() || std::time::Instant::now() > deadline {
+            if f.has_exited() || std::time::Instant::now() > deadline {
                 break f;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));

@@ -3,13 +3,39 @@
 //! Every target is pinned before anything is sent: a pidfd is opened, then the start time
 //! is read again and compared with the one recorded. Once pinned, signals go through the
 //! pidfd, which can never reach a process that later reuses the pid. Where pidfds are not
-//! available (ENOSYS, or out of descriptors) the start time is re-checked right before each
-//! `kill(2)` instead.
+//! available (ENOSYS, or no descriptors to spare) the start time is re-checked right before
+//! each `kill(2)` instead.
 //!
-//! All targets get SIGTERM at once (their whole process group when they lead one), share one
-//! `grace` deadline, survivors get SIGKILL, and everything is waited for `kill_wait`.
+//! All targets get SIGTERM at once (their whole process group too when they lead one), share
+//! one `grace` deadline, survivors get SIGKILL, and everything is waited for `kill_wait`.
 //! Total time is about `grace` whatever the number of targets.
+//!
+//! What is ended with a target (with `kill_group`): the members of its process group when it
+//! leads one, and its descendants found by parent links (`/proc/PID/task/*/children`),
+//! whatever their session or group. Each is pinned before anything is sent and passes the
+//! same refusals as a target; nothing below a refused process (a VM, another user's) is
+//! followed.
+//!
+//! What an outcome says is what *this call* did and saw:
+//! - `Graceful`: our SIGTERM reached the live target, we sent no SIGKILL that reached
+//!   anything, and the target and its pinned members had exited by the end.
+//! - `ForceKilled`: a SIGKILL of ours reached the target or a pinned member, and all had
+//!   exited by the end.
+//! - `AlreadyGone`: the target had exited (or its pid named another process) before our
+//!   first signal reached it. Its leftover members are still ended.
+//! - `StillAlive`, `SignalFailed`, `Unverifiable`, `Refused`: errors; nothing is claimed.
+//!
+//! Only the kernel's "no such process" (ESRCH, or a pidfd reporting exit) means gone: a read
+//! that fails for any other reason (EMFILE, EACCES, hidepid) is `Unverifiable`, never gone.
+//!
+//! Concurrent calls, in one process or several (two cleaners, a cleaner and a worker's
+//! stop), take turns on a host-wide advisory lock (`flock` on [`LOCK_PATH`]) for the time
+//! they signal and wait, so two calls never both report the same exit: the second finds
+//! the processes gone. A caller waits for the lock at most `grace + kill_wait + 10 s`, then
+//! goes on without it (its signals stay identity-checked; only the attribution of an exit
+//! to one of two overlapping calls is then not exclusive).
 
+use crate::error::Error;
 use crate::identity::{Pid, ProcessIdentity};
 #[cfg(test)]
 use crate::proc_facts::ProcessFacts;
@@ -20,6 +46,13 @@ use std::time::{Duration, Instant};
 
 /// `pidfd_send_signal` flag (Linux 6.9): signal the pidfd's whole process group.
 const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
+/// Descriptors left free for everything else (the `/proc` reads of pinning and waiting, the
+/// caller's own files) when pidfds are handed out.
+const FD_RESERVE: usize = 16;
+/// At most this many descendants of one target are followed.
+const MAX_DESCENDANTS: usize = 4096;
+/// The host-wide lock that concurrent terminations take turns on.
+pub const LOCK_PATH: &str = "/tmp/.dspex_process.terminate.lock";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TerminateOptions {
@@ -27,7 +60,8 @@ pub struct TerminateOptions {
     pub grace: Duration,
     /// How long to wait after SIGKILL before reporting a survivor.
     pub kill_wait: Duration,
-    /// Signal the target's process group when the target leads it (pgid == pid).
+    /// End the target's process group (when it leads one) and its descendants with it.
+    /// `false`: the target alone.
     pub kill_group: bool,
     /// Allow targets owned by another uid.
     pub allow_other_users: bool,
@@ -73,17 +107,20 @@ impl Refusal {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Exited within the grace period after SIGTERM.
+    /// Our SIGTERM reached it and it exited within the grace period, with no SIGKILL of ours.
     Graceful,
-    /// Needed SIGKILL (it or a member of its group), then exited.
+    /// Our SIGKILL reached it (or a member of its group or a descendant), then all exited.
     ForceKilled,
-    /// Gone before anything was sent, or its pid now names another process.
+    /// Gone before our first signal reached it, or its pid names another process now.
     AlreadyGone,
     Refused(Refusal),
     /// Still there `kill_wait` after SIGKILL (stopped under ptrace, uninterruptible sleep).
     StillAlive,
     /// The kernel refused the signal (e.g. EPERM).
     SignalFailed(i32),
+    /// Its identity or liveness could not be read (the errno: EMFILE, EACCES under hidepid,
+    /// ...): nothing is known, so nothing was sent, or its end could not be confirmed.
+    Unverifiable(i32),
 }
 
 /// What the caller is, for the refusals.
@@ -119,7 +156,7 @@ impl Caller {
     }
 
     /// Why this caller may not signal a pinned process, if it may not. The one place the
-    /// refusals are decided, for targets and for members of their groups alike.
+    /// refusals are decided, for targets, members of their groups and descendants alike.
     fn refusal(&self, pid: i32, seen: &Seen, options: &TerminateOptions) -> Option<Refusal> {
         if let Some(refusal) = self.refusal_of_pid(pid) {
             Some(refusal)
@@ -135,11 +172,25 @@ impl Caller {
     }
 }
 
-/// What pinning saw of a process, for the refusals.
+/// What pinning saw of a process, for the refusals and the parent links.
 struct Seen {
+    ppid: i32,
     pgid: i32,
     uid: u32,
     vm: bool,
+}
+
+/// What a signal did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// The kernel took it for a live process.
+    Delivered,
+    /// The process had exited (ESRCH, or its pid names another process now).
+    Gone,
+    /// The kernel refused it (EPERM...).
+    Failed(i32),
+    /// Not sent: the identity could not be re-read (no pidfd to send through).
+    Unverified(i32),
 }
 
 /// A process we hold on to: by pidfd, or by identity alone where pidfds are unavailable.
@@ -147,30 +198,81 @@ struct Pinned {
     identity: ProcessIdentity,
     pidfd: Option<OwnedFd>,
     exited: bool,
+    /// The last liveness read failed with this errno (no pidfd): its exit is not known.
+    unknown: Option<i32>,
+    /// Reached by the target's group signal (a member of the group it leads).
+    in_group: bool,
+}
+
+/// Pidfds that one call may still open.
+struct Budget(usize);
+
+impl Budget {
+    /// What the descriptor limit leaves: the soft limit, minus what is open now, minus a
+    /// reserve for everything else.
+    fn of_this_process() -> Budget {
+        let mut limit = libc::rlimit {
+            rlim_cur: 1024,
+            rlim_max: 1024,
+        };
+        // SAFETY: getrlimit fills the struct we own.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        let soft = limit.rlim_cur;
+        let open = std::fs::read_dir("/proc/self/fd").map_or(usize::MAX, |d| d.count());
+        let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+        Budget(soft.saturating_sub(open.saturating_add(FD_RESERVE)))
+    }
+
+    fn take(&mut self) -> bool {
+        if self.0 == 0 {
+            return false;
+        }
+        self.0 -= 1;
+        true
+    }
 }
 
 impl Pinned {
-    /// Pins `identity`: `Err(AlreadyGone)` when the pid is gone or is someone else now.
-    fn pin(identity: ProcessIdentity) -> Result<(Pinned, Seen), Outcome> {
+    /// Pins `identity`: `Err(AlreadyGone)` when the pid is gone or is someone else now,
+    /// `Err(Unverifiable)` when that cannot be read.
+    fn pin(identity: ProcessIdentity, budget: &mut Budget) -> Result<(Pinned, Seen), Outcome> {
         let raw = identity.pid.as_raw();
-        let pidfd = pidfd_open(identity.pid);
-        if matches!(pidfd, Err(libc::ESRCH)) {
-            return Err(Outcome::AlreadyGone);
-        }
+        let pidfd = if budget.take() {
+            match pidfd_open(identity.pid) {
+                Ok(fd) => Some(fd),
+                Err(libc::ESRCH) => return Err(Outcome::AlreadyGone),
+                // ENOSYS, EMFILE, ENFILE...: identity-checked kill(2) instead.
+                Err(_) => {
+                    budget.0 += 1;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let unreadable = |e: Error| match e {
+            Error::NoSuchProcess(_) if !exists(raw, pidfd.as_ref()) => Outcome::AlreadyGone,
+            // hidepid hides a live process as ENOENT: it exists, we cannot read it.
+            Error::NoSuchProcess(_) => Outcome::Unverifiable(libc::EACCES),
+            e => Outcome::Unverifiable(e.errno()),
+        };
         // Read after the pidfd is open: if the start time still matches, the pidfd names it.
-        let stat = Stat::read(raw).map_err(|_| Outcome::AlreadyGone)?;
-        if stat.start_time != identity.start_time || stat.state.has_exited() {
+        let stat = Stat::read(raw).map_err(unreadable)?;
+        if stat.start_time != identity.start_time || stat.has_exited() {
             return Err(Outcome::AlreadyGone);
         }
-        let uid = read_uid(raw).map_err(|_| Outcome::AlreadyGone)?;
+        let uid = read_uid(raw).map_err(unreadable)?;
         let pinned = Pinned {
             identity,
-            pidfd: pidfd.ok(),
+            pidfd,
             exited: false,
+            unknown: None,
+            in_group: false,
         };
         Ok((
             pinned,
             Seen {
+                ppid: stat.ppid,
                 pgid: stat.pgid,
                 uid,
                 vm: crate::classify::is_beam(&stat.comm),
@@ -178,47 +280,75 @@ impl Pinned {
         ))
     }
 
-    /// Sends `signal` to the process, or to its process group. `Ok(false)` when it has
-    /// already gone.
-    fn signal(&self, signal: libc::c_int, group: bool) -> Result<bool, i32> {
-        let pid = self.identity.pid.as_raw();
+    /// Sends `signal` to this process alone.
+    fn signal(&mut self, signal: libc::c_int) -> Sent {
         let rc = match &self.pidfd {
-            Some(fd) if group => {
-                let rc = pidfd_send_signal(fd, signal, PIDFD_SIGNAL_PROCESS_GROUP);
-                if rc == Err(libc::EINVAL) {
-                    // Kernel before 6.9. The group is the leader's, and the leader is
-                    // pinned and alive: its pgid cannot have been reused.
-                    if !self.is_alive() {
-                        return Ok(false);
-                    }
-                    raw_kill(-pid, signal)
-                } else {
-                    rc
-                }
-            }
             Some(fd) => pidfd_send_signal(fd, signal, 0),
-            None => {
-                if !self.identity.is_current() {
-                    return Ok(false);
-                }
-                raw_kill(if group { -pid } else { pid }, signal)
-            }
+            None => match self.check() {
+                Ok(true) => raw_kill(self.identity.pid.as_raw(), signal),
+                Ok(false) => Err(libc::ESRCH),
+                Err(errno) => return Sent::Unverified(errno),
+            },
         };
         match rc {
-            Ok(()) => Ok(true),
-            Err(libc::ESRCH) => Ok(false),
-            Err(e) => Err(e),
+            Ok(()) => Sent::Delivered,
+            Err(libc::ESRCH) => {
+                self.exited = true;
+                Sent::Gone
+            }
+            Err(e) => Sent::Failed(e),
+        }
+    }
+
+    /// Sends `signal` to the process group this process leads, while it lives. Best effort:
+    /// it reaches members forked after pinning; pinned members and the leader itself are
+    /// also signalled one by one, and only that decides what is reported (a leader that
+    /// left its group makes the group signal fail with ESRCH while it lives on).
+    fn signal_group(&self, signal: libc::c_int) {
+        let pid = self.identity.pid.as_raw();
+        match &self.pidfd {
+            Some(fd) => {
+                if pidfd_send_signal(fd, signal, PIDFD_SIGNAL_PROCESS_GROUP) == Err(libc::EINVAL)
+                    && self.is_alive()
+                {
+                    // Kernel before 6.9. The group is the leader's, and the leader is
+                    // pinned and alive: its pgid cannot have been reused.
+                    let _ = raw_kill(-pid, signal);
+                }
+            }
+            None => {
+                if self.check() == Ok(true) {
+                    let _ = raw_kill(-pid, signal);
+                }
+            }
+        }
+    }
+
+    /// Without a pidfd: whether the pid still names this process, alive. `Err(errno)` when
+    /// that cannot be read (only ESRCH means gone).
+    fn check(&self) -> Result<bool, i32> {
+        let raw = self.identity.pid.as_raw();
+        match Stat::read(raw) {
+            Ok(s) => Ok(s.start_time == self.identity.start_time && !s.has_exited()),
+            Err(Error::NoSuchProcess(_)) if !crate::classify::pid_exists(raw) => Ok(false),
+            Err(Error::NoSuchProcess(_)) => Err(libc::EACCES),
+            Err(e) => Err(e.errno()),
         }
     }
 
     fn is_alive(&self) -> bool {
         match &self.pidfd {
             Some(fd) => !poll_exited(&[fd.as_raw_fd()], 0)[0],
-            None => matches!(
-                Stat::read(self.identity.pid.as_raw()),
-                Ok(s) if s.start_time == self.identity.start_time && !s.state.has_exited()
-            ),
+            None => self.check() != Ok(false),
         }
+    }
+}
+
+/// Whether the process behind `pid` (or the pidfd, when there is one) still exists.
+fn exists(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
+    match pidfd {
+        Some(fd) => !poll_exited(&[fd.as_raw_fd()], 0)[0],
+        None => crate::classify::pid_exists(pid),
     }
 }
 
@@ -305,7 +435,13 @@ fn wait_all(pinned: &mut [&mut Pinned], deadline: Instant) {
             }
             match &p.pidfd {
                 Some(fd) => with_fd.push((i, fd.as_raw_fd())),
-                None => p.exited = !p.is_alive(),
+                None => match p.check() {
+                    Ok(alive) => {
+                        p.exited = !alive;
+                        p.unknown = None;
+                    }
+                    Err(errno) => p.unknown = Some(errno),
+                },
             }
         }
         let legacy_left = pinned.iter().any(|p| !p.exited && p.pidfd.is_none());
@@ -317,9 +453,9 @@ fn wait_all(pinned: &mut [&mut Pinned], deadline: Instant) {
             return;
         }
         let left = deadline - now;
-        // Processes without a pidfd are polled every 10 ms.
+        // Processes without a pidfd are polled every 20 ms.
         let slice = if legacy_left {
-            left.min(Duration::from_millis(10))
+            left.min(Duration::from_millis(20))
         } else {
             left
         };
@@ -337,22 +473,73 @@ fn wait_all(pinned: &mut [&mut Pinned], deadline: Instant) {
     }
 }
 
-/// One target and the members of its group that we hold on to.
+/// One target and the members of its group and its descendants that we hold on to.
 struct Job {
     leader: Pinned,
     /// The target leads its group and every member may be signalled: one signal to the
-    /// group reaches them all, including children forked after the scan.
+    /// group also reaches children forked after the scan.
     group: bool,
-    /// The other members of the target's group, pinned. Signalled one by one when the
-    /// group as a whole may not be (a member of another user, or of the caller's family).
+    /// The other members of the target's group and its descendants, pinned, each signalled
+    /// on its own.
     members: Vec<Pinned>,
+    /// The target had exited before our first signal reached it.
+    gone_first: bool,
+    /// A SIGKILL of ours reached a live process of this job.
     killed: bool,
     failed: Option<i32>,
+    unverified: Option<i32>,
 }
 
 impl Job {
     fn all_exited(&self) -> bool {
         self.leader.exited && self.members.iter().all(|m| m.exited)
+    }
+
+    fn everyone(&mut self) -> impl Iterator<Item = &mut Pinned> {
+        std::iter::once(&mut self.leader).chain(self.members.iter_mut())
+    }
+
+    fn outcome(&self) -> Outcome {
+        let unknown = self.everyone_ref().find_map(|p| p.unknown);
+        match (self.failed, self.gone_first, self.all_exited()) {
+            (Some(errno), _, _) => Outcome::SignalFailed(errno),
+            (None, true, true) => Outcome::AlreadyGone,
+            (None, _, false) => match self.unverified.or(unknown) {
+                Some(errno) => Outcome::Unverifiable(errno),
+                None => Outcome::StillAlive,
+            },
+            (None, false, true) if self.killed => Outcome::ForceKilled,
+            (None, false, true) => Outcome::Graceful,
+        }
+    }
+
+    fn everyone_ref(&self) -> impl Iterator<Item = &Pinned> {
+        std::iter::once(&self.leader).chain(self.members.iter())
+    }
+
+    /// Sends `signal`: to the leader first (what it answers decides whether it was already
+    /// gone), then its group while it lives, then each pinned member that still runs.
+    fn signal(&mut self, signal: libc::c_int, first: bool) {
+        if !self.leader.exited {
+            match self.leader.signal(signal) {
+                Sent::Delivered => {
+                    if signal == libc::SIGKILL {
+                        self.killed = true;
+                    }
+                    if self.group {
+                        self.leader.signal_group(signal);
+                    }
+                }
+                Sent::Gone => self.gone_first |= first,
+                Sent::Failed(errno) => self.failed = Some(errno),
+                Sent::Unverified(errno) => self.unverified = Some(errno),
+            }
+        }
+        for member in self.members.iter_mut().filter(|m| !m.exited) {
+            if member.signal(signal) == Sent::Delivered && signal == libc::SIGKILL {
+                self.killed = true;
+            }
+        }
     }
 }
 
@@ -363,6 +550,11 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
     let mut outcomes: Vec<Option<Outcome>> = vec![None; targets.len()];
     let mut jobs: Vec<(usize, Job)> = Vec::new();
     let mut seen = HashSet::new();
+
+    // Take turns with other terminations on this host (see the module documentation).
+    let _turn =
+        take_turn(Instant::now() + options.grace + options.kill_wait + Duration::from_secs(10));
+    let mut budget = Budget::of_this_process();
 
     for (i, target) in targets.iter().enumerate() {
         let pid = target.pid.as_raw();
@@ -375,7 +567,7 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
             outcomes[i] = Some(Outcome::AlreadyGone);
             continue;
         }
-        let (leader, seen) = match Pinned::pin(*target) {
+        let (leader, seen) = match Pinned::pin(*target, &mut budget) {
             Ok(pinned) => pinned,
             Err(outcome) => {
                 outcomes[i] = Some(outcome);
@@ -393,62 +585,45 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
                 leader,
                 group,
                 members: Vec::new(),
+                gone_first: false,
                 killed: false,
                 failed: None,
+                unverified: None,
             },
         ));
     }
 
-    pin_group_members(&mut jobs, &caller, options);
+    if options.kill_group {
+        let mut taken: HashSet<i32> = jobs
+            .iter()
+            .map(|(_, job)| job.leader.identity.pid.as_raw())
+            .collect();
+        pin_group_members(&mut jobs, &caller, options, &mut budget, &mut taken);
+        pin_descendants(&mut jobs, &caller, options, &mut budget, &mut taken);
+    }
 
     // SIGTERM to everyone at once.
     for (_, job) in jobs.iter_mut() {
-        match job.leader.signal(libc::SIGTERM, job.group) {
-            Ok(true) => {}
-            Ok(false) => job.leader.exited = true,
-            Err(errno) => job.failed = Some(errno),
-        }
-        if !job.group {
-            for member in job.members.iter_mut() {
-                if let Ok(false) = member.signal(libc::SIGTERM, false) {
-                    member.exited = true;
-                }
-            }
-        }
+        job.signal(libc::SIGTERM, true);
     }
     let grace_deadline = Instant::now() + options.grace;
     wait_jobs(&mut jobs, grace_deadline);
 
-    // SIGKILL to whatever is left: the group while its leader lives, then each member.
+    // SIGKILL to whatever is left.
     let mut any_killed = false;
     for (_, job) in jobs.iter_mut() {
         if job.all_exited() || job.failed.is_some() {
             continue;
         }
-        job.killed = true;
         any_killed = true;
-        if !job.leader.exited {
-            if let Ok(false) = job.leader.signal(libc::SIGKILL, job.group) {
-                job.leader.exited = true;
-            }
-        }
-        for member in job.members.iter_mut().filter(|m| !m.exited) {
-            if let Ok(false) = member.signal(libc::SIGKILL, false) {
-                member.exited = true;
-            }
-        }
+        job.signal(libc::SIGKILL, false);
     }
     if any_killed {
         wait_jobs(&mut jobs, Instant::now() + options.kill_wait);
     }
 
     for (i, job) in jobs {
-        outcomes[i] = Some(match (job.failed, job.all_exited(), job.killed) {
-            (Some(errno), _, _) => Outcome::SignalFailed(errno),
-            (None, false, _) => Outcome::StillAlive,
-            (None, true, true) => Outcome::ForceKilled,
-            (None, true, false) => Outcome::Graceful,
-        });
+        outcomes[i] = Some(job.outcome());
     }
     outcomes
         .into_iter()
@@ -460,14 +635,47 @@ fn wait_jobs(jobs: &mut [(usize, Job)], deadline: Instant) {
     let mut all: Vec<&mut Pinned> = jobs
         .iter_mut()
         .filter(|(_, job)| job.failed.is_none())
-        .flat_map(|(_, job)| std::iter::once(&mut job.leader).chain(job.members.iter_mut()))
+        .flat_map(|(_, job)| job.everyone())
         .collect();
     wait_all(&mut all, deadline);
 }
 
+/// Waits for the host-wide termination lock until `deadline`. `None` when it cannot be
+/// opened or had: the call goes on without it.
+fn take_turn(deadline: Instant) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |write: bool| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .create(write)
+            .mode(0o666)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(LOCK_PATH)
+    };
+    // Another user's lock file can still be locked through a read-only descriptor.
+    let file = open(true).or_else(|_| open(false)).ok()?;
+    loop {
+        // SAFETY: flock on a descriptor we own; released when the file is dropped.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Some(file);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// For group targets, pins every other live member of the group, so that members that
 /// ignore SIGTERM get SIGKILL through their own pidfd even after the leader is gone.
-fn pin_group_members(jobs: &mut [(usize, Job)], caller: &Caller, options: &TerminateOptions) {
+fn pin_group_members(
+    jobs: &mut [(usize, Job)],
+    caller: &Caller,
+    options: &TerminateOptions,
+    budget: &mut Budget,
+    taken: &mut HashSet<i32>,
+) {
     let groups: HashMap<i32, usize> = jobs
         .iter()
         .enumerate()
@@ -478,6 +686,9 @@ fn pin_group_members(jobs: &mut [(usize, Job)], caller: &Caller, options: &Termi
         return;
     }
     for pid in all_pids() {
+        if taken.contains(&pid) {
+            continue;
+        }
         let Ok(stat) = Stat::read(pid) else {
             continue;
         };
@@ -487,28 +698,97 @@ fn pin_group_members(jobs: &mut [(usize, Job)], caller: &Caller, options: &Termi
         let Ok(pid) = Pid::new(i64::from(pid)) else {
             continue;
         };
-        if pid == jobs[j].1.leader.identity.pid {
-            continue;
-        }
         let identity = ProcessIdentity {
             pid,
             start_time: stat.start_time,
         };
         // The refusals are judged on what pinning read, after its pidfd was open.
-        let Ok((member, seen)) = Pinned::pin(identity) else {
+        let Ok((mut member, seen)) = Pinned::pin(identity, budget) else {
             continue;
         };
         if seen.pgid != stat.pgid {
             continue;
         }
+        taken.insert(pid.as_raw());
         if caller.refusal(pid.as_raw(), &seen, options).is_some() {
             // Someone in this group is not ours to signal (another user's, the caller's
             // family, a VM): no group signal, and the vetted members one by one.
             jobs[j].1.group = false;
             continue;
         }
+        member.in_group = true;
         jobs[j].1.members.push(member);
     }
+}
+
+/// Pins the descendants of every target by parent links, whatever their session or group:
+/// children that called `setsid()` leave the group but not the family. A refused process
+/// (a VM, another user's, the caller's family) is not signalled and not descended into.
+fn pin_descendants(
+    jobs: &mut [(usize, Job)],
+    caller: &Caller,
+    options: &TerminateOptions,
+    budget: &mut Budget,
+    taken: &mut HashSet<i32>,
+) {
+    for (_, job) in jobs.iter_mut() {
+        let mut parents: Vec<i32> = job
+            .everyone_ref()
+            .map(|p| p.identity.pid.as_raw())
+            .collect();
+        let mut found = 0;
+        while let Some(parent) = parents.pop() {
+            for child in children_of(parent) {
+                if found >= MAX_DESCENDANTS || taken.contains(&child) {
+                    continue;
+                }
+                let (Ok(stat), Ok(pid)) = (Stat::read(child), Pid::new(i64::from(child))) else {
+                    continue;
+                };
+                if stat.ppid != parent {
+                    continue;
+                }
+                let identity = ProcessIdentity {
+                    pid,
+                    start_time: stat.start_time,
+                };
+                let Ok((member, seen)) = Pinned::pin(identity, budget) else {
+                    continue;
+                };
+                // Still the child of the parent we walked from, read after pinning.
+                if seen.ppid != parent {
+                    continue;
+                }
+                taken.insert(child);
+                found += 1;
+                if caller.refusal(child, &seen, options).is_some() {
+                    if seen.pgid == job.leader.identity.pid.as_raw() {
+                        job.group = false;
+                    }
+                    continue;
+                }
+                parents.push(child);
+                job.members.push(member);
+            }
+        }
+    }
+}
+
+/// The children of `pid`, from `/proc/PID/task/*/children` (each thread lists the children
+/// it forked).
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -666,7 +946,7 @@ while True: time.sleep(1)
         for kid in kids {
             assert!(
                 eventually(Duration::from_secs(2), || !kid.is_current()
-                    || ProcessFacts::read(kid.pid).is_ok_and(|f| f.state.has_exited())),
+                    || ProcessFacts::read(kid.pid).is_ok_and(|f| f.has_exited())),
                 "child {} survived",
                 kid.pid
             );
@@ -726,7 +1006,7 @@ while True: time.sleep(1)
             other_id.is_current(),
             "a process of another user was signalled"
         );
-        assert!(ProcessFacts::read(other).is_ok_and(|f| !f.state.has_exited()));
+        assert!(ProcessFacts::read(other).is_ok_and(|f| !f.has_exited()));
         let allowed = TerminateOptions {
             allow_other_users: true,
             ..opts(300)
@@ -740,5 +1020,161 @@ while True: time.sleep(1)
         let out = terminate(&[id, id], &opts(2000));
         assert_eq!(out, vec![Outcome::Graceful, Outcome::AlreadyGone]);
         child.wait().unwrap();
+    }
+
+    /// Reads one line of pids the child prints.
+    fn pids_line(child: &mut Child) -> Vec<ProcessIdentity> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line.split_whitespace()
+            .map(|p| ProcessIdentity::of(Pid::new(p.parse().unwrap()).unwrap()).unwrap())
+            .collect()
+    }
+
+    fn gone(id: &ProcessIdentity) -> bool {
+        !id.is_current() || ProcessFacts::read(id.pid).is_ok_and(|f| f.has_exited())
+    }
+
+    #[test]
+    fn a_target_that_leaves_its_group_on_sigterm_is_killed_and_the_group_it_joins_is_untouched() {
+        let (mut innocent, innocent_id) = spawn(SLEEPER);
+        // On SIGTERM the target moves into the innocent's group (same session) and runs on.
+        let code = format!(
+            "import os, signal, time\nsignal.signal(signal.SIGTERM, lambda *a: os.setpgid(0, {}))\nprint('ready', flush=True)\nwhile True: time.sleep(1)",
+            innocent_id.pid
+        );
+        let (mut target, id) = spawn(&code);
+        ready(&mut target);
+        let out = terminate(&[id], &opts(300));
+        assert_eq!(out, vec![Outcome::ForceKilled]);
+        // Before the fix, the target was reported killed and ran on: wait with a deadline.
+        assert!(
+            eventually(Duration::from_secs(3), || target
+                .try_wait()
+                .unwrap()
+                .is_some()),
+            "reported force_killed, but the target runs on"
+        );
+        assert!(innocent_id.is_current());
+        assert_eq!(
+            innocent.try_wait().unwrap(),
+            None,
+            "the innocent group was signalled"
+        );
+        reap(&mut [innocent]);
+    }
+
+    #[test]
+    fn descendants_that_left_the_session_are_ended_with_their_target() {
+        // The target forks a child that calls setsid() (and ignores SIGTERM), which forks a
+        // grandchild that calls setsid() again: neither is in the target's group.
+        let code = r#"
+import os, signal, sys, time
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    grandchild = os.fork()
+    if grandchild == 0:
+        os.setsid()
+        while True: time.sleep(1)
+    os.write(w, f"{grandchild}\n".encode())
+    while True: time.sleep(1)
+grandchild = os.read(r, 64).decode().strip()
+print(child, grandchild, flush=True)
+while True: time.sleep(1)
+"#;
+        let (mut bystander, bystander_id) = spawn(SLEEPER);
+        let (mut target, id) = spawn(code);
+        let family = pids_line(&mut target);
+        assert_eq!(family.len(), 2);
+        std::thread::sleep(Duration::from_millis(100));
+        for member in &family {
+            let f = ProcessFacts::read(member.pid).unwrap();
+            assert_eq!(f.sid, member.pid.as_raw(), "each left the target's session");
+        }
+        let out = terminate(&[id], &opts(300));
+        assert_eq!(out, vec![Outcome::ForceKilled]);
+        target.wait().unwrap();
+        for member in &family {
+            assert!(
+                eventually(Duration::from_secs(2), || gone(member)),
+                "descendant {} survived",
+                member.pid
+            );
+        }
+        assert!(bystander_id.is_current());
+        assert_eq!(bystander.try_wait().unwrap(), None);
+        reap(&mut [bystander]);
+
+        // Without kill_group, the target alone.
+        let (mut target, id) = spawn(code);
+        let family = pids_line(&mut target);
+        let alone = TerminateOptions {
+            kill_group: false,
+            ..opts(300)
+        };
+        assert_eq!(
+            terminate(&family[..1], &opts(300)),
+            vec![Outcome::ForceKilled]
+        );
+        assert_eq!(terminate(&[id], &alone), vec![Outcome::Graceful]);
+        target.wait().unwrap();
+    }
+
+    #[test]
+    fn concurrent_calls_report_each_exit_once() {
+        let mut children = Vec::new();
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            let (mut child, id) = spawn(STUBBORN);
+            ready(&mut child);
+            children.push(child);
+            ids.push(id);
+        }
+        let runs: Vec<Vec<Outcome>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|_| s.spawn(|| terminate(&ids, &opts(300))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, id) in ids.iter().enumerate() {
+            let mine: Vec<&Outcome> = runs.iter().map(|run| &run[i]).collect();
+            let ended = mine
+                .iter()
+                .filter(|o| matches!(o, Outcome::Graceful | Outcome::ForceKilled))
+                .count();
+            assert_eq!(ended, 1, "pid {}: {mine:?}", id.pid);
+            // It ignores SIGTERM: whoever ended it killed it.
+            assert!(mine.contains(&&Outcome::ForceKilled), "{mine:?}");
+            assert_eq!(
+                mine.iter().filter(|o| ***o == Outcome::AlreadyGone).count(),
+                2
+            );
+        }
+        reap(&mut children);
+    }
+
+    #[test]
+    fn a_process_whose_main_thread_exited_is_ended_not_taken_for_gone() {
+        let code = "import ctypes, threading, time\nthreading.Thread(target=lambda: [time.sleep(1) for _ in iter(int, 1)]).start()\nprint('ready', flush=True)\nctypes.CDLL(None).pthread_exit(None)";
+        let (mut child, id) = spawn(code);
+        ready(&mut child);
+        assert!(eventually(Duration::from_secs(5), || {
+            Stat::read(id.pid.as_raw()).is_ok_and(|s| s.leader_exited())
+        }));
+        let facts = ProcessFacts::read(id.pid).unwrap();
+        assert!(!facts.has_exited(), "{facts:?}");
+        assert!(
+            !facts.cmdline.is_empty(),
+            "its argv comes from a live thread"
+        );
+        assert_eq!(terminate(&[id], &opts(2000)), vec![Outcome::Graceful]);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGTERM));
     }
 }

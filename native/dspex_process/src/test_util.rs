@@ -22,10 +22,22 @@ pub fn unique_tag(test: &str) -> String {
     format!("dspex_core_{test}_{}_{n}", std::process::id())
 }
 
-/// Starts python running `code`, with `tag` as an extra argv element.
+/// Writes `code` to a script file whose name is `tag` (raw bytes allowed), in a folder of
+/// this test process's own, and returns its path.
+pub fn script_named(tag: &[u8], code: &str) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::env::temp_dir().join(format!("dspex_core_tests_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(std::ffi::OsStr::from_bytes(tag));
+    std::fs::write(&path, code).expect("write script");
+    path
+}
+
+/// Starts python running `code` as a script file named `tag`: `python3 /tmp/.../tag`, so
+/// that `tag` is the script the interpreter runs.
 pub fn spawn_python(code: &str, tag: &str) -> Child {
     Command::new(PYTHON.as_str())
-        .args(["-c", code, tag])
+        .arg(script_named(tag.as_bytes(), code))
         .spawn()
         .expect("spawn python")
 }

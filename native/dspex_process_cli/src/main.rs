@@ -13,8 +13,37 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// Set when a write to stdout failed: the report is lost, the work goes on.
+static OUTPUT_FAILED: AtomicBool = AtomicBool::new(false);
+/// Exit code when only the report could not be written.
+const EXIT_OUTPUT_FAILED: u8 = 74;
+
+/// `println!` that never panics: a failed write (`> /dev/full`, a closed pipe) is noted
+/// once on stderr and in the exit code, and everything else goes on.
+macro_rules! out {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*)) };
+}
+
+/// `eprintln!` that never panics.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+fn emit(args: std::fmt::Arguments) {
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{args}").and_then(|()| stdout.flush()) {
+        if !OUTPUT_FAILED.swap(true, Ordering::Relaxed) {
+            err!("dspex-proc: could not write the report to stdout: {e}");
+        }
+    }
+}
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -22,7 +51,10 @@ Exit codes:
   1    status/find: orphans exist; cleanup: at least one target could not be ended
   2    bad arguments (usage is printed)
   3    cleanup not confirmed (no --yes and no terminal to ask, or the answer was not y)
-  125  exec: the parent (or the owner BEAM named by the markers) was already gone
+  74   the work was done but its report could not be written to stdout (a full disk,
+       a closed pipe); 1, 2 and 3 take precedence. Output errors never stop a cleanup.
+  125  exec: the parent died before the death signal was armed (or the owner BEAM named
+       by the markers is gone); a parent that is PID 1 from the start is not dead
   126  exec: the command could not be executed
   127  exec: the command was not found";
 
@@ -61,9 +93,11 @@ enum Command {
 
 #[derive(Args)]
 struct Selection {
-    /// Literal argv pattern (an argument or its basename); repeatable.
-    #[arg(long = "pattern", value_name = "P", default_value = DEFAULT_PATTERN)]
-    patterns: Vec<String>,
+    /// Literal pattern: the script an interpreter runs, or the program (its path or
+    /// basename); any argument for processes with ownership markers. Bytes, not text.
+    /// Repeatable.
+    #[arg(long = "pattern", value_name = "P", default_value = DEFAULT_PATTERN, value_parser = clap::value_parser!(OsString))]
+    patterns: Vec<OsString>,
     /// Also treat unmanaged processes (started by hand, parent alive) as orphans.
     #[arg(long)]
     include_unmanaged: bool,
@@ -144,20 +178,34 @@ fn parse_signal(text: &str) -> Result<nix::sys::signal::Signal, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Exec(args) => exec(args),
-        Command::Guard(args) => guard::guard(args),
+    let code = match cli.command {
+        Command::Exec(args) => return exec(args),
+        Command::Guard(args) => return guard::guard(args),
         Command::Status(sel) => status(&sel, cli.json),
         Command::Find(sel) => find(&sel, cli.json),
         Command::Cleanup(args) => cleanup(&args, cli.json),
+    };
+    if code == 0 && OUTPUT_FAILED.load(Ordering::Relaxed) {
+        ExitCode::from(EXIT_OUTPUT_FAILED)
+    } else {
+        ExitCode::from(code)
     }
 }
 
-fn pattern(sel: &Selection) -> Result<Pattern, ExitCode> {
-    Pattern::new(&sel.patterns).map_err(|e| {
-        eprintln!("dspex-proc: {e}");
-        ExitCode::from(2)
+fn pattern(sel: &Selection) -> Result<Pattern, u8> {
+    let bytes: Vec<&[u8]> = sel.patterns.iter().map(|p| p.as_bytes()).collect();
+    Pattern::new(&bytes).map_err(|e| {
+        err!("dspex-proc: {e}");
+        2
     })
+}
+
+/// The patterns for display (bytes that are not UTF-8 replaced).
+fn shown(sel: &Selection) -> Vec<String> {
+    sel.patterns
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Classifies as the CLI sees it: no BEAM of its own, no registry. Markers and ancestry
@@ -217,13 +265,13 @@ fn class_counts(detections: &[Detection]) -> BTreeMap<&'static str, usize> {
 }
 
 fn print_json(value: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("JSON values serialize")
-    );
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => out!("{text}"),
+        Err(e) => err!("dspex-proc: could not encode the report: {e}"),
+    }
 }
 
-fn status(sel: &Selection, json: bool) -> ExitCode {
+fn status(sel: &Selection, json: bool) -> u8 {
     let pattern = match pattern(sel) {
         Ok(p) => p,
         Err(code) => return code,
@@ -237,7 +285,7 @@ fn status(sel: &Selection, json: bool) -> ExitCode {
     let counts = class_counts(&detections);
     if json {
         print_json(&json!({
-            "pattern": sel.patterns,
+            "pattern": shown(sel),
             "total_dspy_processes": detections.len(),
             "orphaned_processes": orphans.len(),
             "system_health": health,
@@ -245,29 +293,25 @@ fn status(sel: &Selection, json: bool) -> ExitCode {
             "orphan_details": orphans,
         }));
     } else {
-        println!("dspex-proc status (pattern: {})", sel.patterns.join(", "));
-        println!("  Matching processes: {}", detections.len());
-        println!("  Orphans:            {}", orphans.len());
+        out!("dspex-proc status (pattern: {})", shown(sel).join(", "));
+        out!("  Matching processes: {}", detections.len());
+        out!("  Orphans:            {}", orphans.len());
         let protected: Vec<String> = counts
             .iter()
             .filter(|(c, _)| **c != "orphan")
             .map(|(c, n)| format!("{c} {n}"))
             .collect();
-        println!("  Protected:          {}", protected.join(", "));
-        println!("  Health:             {health}");
+        out!("  Protected:          {}", protected.join(", "));
+        out!("  Health:             {health}");
     }
     exit_for_orphans(orphans.len())
 }
 
-fn exit_for_orphans(orphans: usize) -> ExitCode {
-    if orphans == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    }
+fn exit_for_orphans(orphans: usize) -> u8 {
+    u8::from(orphans != 0)
 }
 
-fn find(sel: &Selection, json: bool) -> ExitCode {
+fn find(sel: &Selection, json: bool) -> u8 {
     let pattern = match pattern(sel) {
         Ok(p) => p,
         Err(code) => return code,
@@ -281,14 +325,18 @@ fn find(sel: &Selection, json: bool) -> ExitCode {
         let list: Vec<Value> = targets.iter().map(|(d, r)| orphan_json(d, r)).collect();
         print_json(&json!({ "orphans": list }));
     } else if targets.is_empty() {
-        println!(
+        out!(
             "No orphaned processes (pattern: {}).",
-            sel.patterns.join(", ")
+            shown(sel).join(", ")
         );
     } else {
-        println!(
+        out!(
             "{:>8} {:>8} {:>10} {:<12} {:>8}  CMDLINE",
-            "PID", "PGID", "AGE_MS", "REASON", "OWNER"
+            "PID",
+            "PGID",
+            "AGE_MS",
+            "REASON",
+            "OWNER"
         );
         for (d, reason) in &targets {
             let f = &d.candidate.facts;
@@ -297,7 +345,7 @@ fn find(sel: &Selection, json: bool) -> ExitCode {
                 .markers
                 .markers()
                 .map_or("-".to_string(), |m| m.owner.pid.to_string());
-            println!(
+            out!(
                 "{:>8} {:>8} {:>10} {:<12} {:>8}  {}",
                 f.pid,
                 f.pgid,
@@ -319,33 +367,35 @@ fn outcome_name(outcome: &Outcome) -> (bool, String) {
         Outcome::Refused(r) => (false, r.name().into()),
         Outcome::StillAlive => (false, "still_alive".into()),
         Outcome::SignalFailed(errno) => (false, format!("signal_failed (errno {errno})")),
+        Outcome::Unverifiable(errno) => (false, format!("unverifiable (errno {errno})")),
     }
 }
 
 fn confirm(count: usize) -> bool {
     if !std::io::stdin().is_terminal() {
-        eprintln!(
-            "dspex-proc: refusing to end {count} process(es) without --yes: no terminal to ask"
-        );
+        err!("dspex-proc: refusing to end {count} process(es) without --yes: no terminal to ask");
         return false;
     }
-    eprint!("End {count} orphaned process(es)? [y/N] ");
+    let _ = write!(
+        std::io::stderr(),
+        "End {count} orphaned process(es)? [y/N] "
+    );
     let _ = std::io::stderr().flush();
     let mut answer = String::new();
     let _ = std::io::stdin().lock().read_line(&mut answer);
     matches!(answer.trim(), "y" | "Y" | "yes" | "YES")
 }
 
-fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
+fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
     let sel = &args.selection;
     let pattern = match pattern(sel) {
         Ok(p) => p,
         Err(code) => return code,
     };
     if !json {
-        println!(
+        out!(
             "Detecting orphaned processes (pattern: {})...",
-            sel.patterns.join(", ")
+            shown(sel).join(", ")
         );
     }
     let detections = detect(&pattern);
@@ -359,7 +409,7 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
     let preserved = counts["active"] + counts["starting"] + counts["foreign"];
 
     if !targets.is_empty() && !args.dry_run && !args.yes && !confirm(targets.len()) {
-        return ExitCode::from(3);
+        return 3;
     }
 
     let outcomes: Vec<(bool, String)> = if args.dry_run {
@@ -372,6 +422,7 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
                 start_time: d.candidate.facts.start_time,
             })
             .collect();
+        raise_descriptor_limit();
         let options = TerminateOptions {
             grace: Duration::from_millis(args.grace),
             kill_wait: Duration::from_millis(args.kill_wait),
@@ -415,9 +466,9 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
         }));
     } else {
         for ((d, reason), (_, outcome)) in targets.iter().zip(&outcomes) {
-            println!("  pid {} ({reason}): {outcome}", d.candidate.facts.pid);
+            out!("  pid {} ({reason}): {outcome}", d.candidate.facts.pid);
         }
-        println!(
+        out!(
             "Cleanup complete{}:",
             if args.dry_run {
                 " (dry run, nothing signalled)"
@@ -425,15 +476,22 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
                 ""
             }
         );
-        println!("  - Found: {} orphaned processes", targets.len());
-        println!("  - Terminated: {terminated} processes");
-        println!("  - Errors: {errors}");
-        println!("  - Preserved: {preserved} workers of live VMs");
+        out!("  - Found: {} orphaned processes", targets.len());
+        out!("  - Terminated: {terminated} processes");
+        out!("  - Errors: {errors}");
+        out!("  - Preserved: {preserved} workers of live VMs");
     }
-    if errors > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
+    u8::from(errors > 0)
+}
+
+/// Raises this process's soft limit of open files to its hard limit: the terminator holds a
+/// pidfd per target while there are descriptors to spare (and works without beyond that).
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
     }
 }
 
@@ -443,23 +501,27 @@ fn cleanup(args: &CleanupArgs, json: bool) -> ExitCode {
 fn exec(args: ExecArgs) -> ExitCode {
     use std::os::unix::process::CommandExt;
     if let Err(message) = apply_limits(&args) {
-        eprintln!("dspex-proc exec: {message}");
+        err!("dspex-proc exec: {message}");
         return ExitCode::from(126);
     }
     if let DeathSignal(Some(signal)) = args.pdeathsig {
         let parent = nix::unistd::getppid();
         if let Err(e) = nix::sys::prctl::set_pdeathsig(signal) {
-            eprintln!("dspex-proc exec: prctl(PR_SET_PDEATHSIG) failed: {e}");
+            err!("dspex-proc exec: prctl(PR_SET_PDEATHSIG) failed: {e}");
             return ExitCode::from(126);
         }
-        // The parent may have died before the signal was armed: then none would come.
-        if nix::unistd::getppid() != parent || parent.as_raw() == 1 || owner_gone() {
+        // The parent may have died between the read above and the arming: then we were
+        // re-parented and no signal will come. A parent that was PID 1 (an init, systemd,
+        // tini) from the start is not a dead parent: it outlives us. A parent that died
+        // before the first read cannot be told from one; for workers, the markers' owner
+        // check covers that case.
+        if nix::unistd::getppid() != parent || owner_gone() {
             return ExitCode::from(125);
         }
     }
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let error = std::process::Command::new(program).args(rest).exec();
-    eprintln!("dspex-proc exec: {}: {error}", program.to_string_lossy());
+    err!("dspex-proc exec: {}: {error}", program.to_string_lossy());
     ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound {
         127
     } else {
@@ -495,7 +557,10 @@ fn owner_gone() -> bool {
         return false;
     };
     match Markers::read(me) {
-        Ok(Some(markers)) => !classify::is_live_beam(&markers.owner, &mut ProcLookup::default()),
+        Ok(Some(markers)) => {
+            classify::owner_state(&markers.owner, &mut ProcLookup::default())
+                == classify::OwnerState::Dead
+        }
         _ => false,
     }
 }

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 mod atoms {
-    rustler::atoms! { ok, error, graceful, force_killed, already_gone, still_alive, signal_failed, invalid_pattern, dspex_terminated }
+    rustler::atoms! { ok, error, graceful, force_killed, already_gone, still_alive, signal_failed, unverifiable, invalid_pattern, dspex_terminated }
 }
 
 #[derive(NifMap)]
@@ -170,6 +170,9 @@ fn encode_outcome(env: Env, outcome: Outcome) -> Term {
         Outcome::Refused(r) => (atoms::error(), atom(env, r.name())).encode(env),
         Outcome::SignalFailed(errno) => {
             (atoms::error(), (atoms::signal_failed(), errno)).encode(env)
+        }
+        Outcome::Unverifiable(errno) => {
+            (atoms::error(), (atoms::unverifiable(), errno)).encode(env)
         }
     }
 }
