@@ -76,7 +76,8 @@ defmodule DSPexProcess.AdversarialTest do
           "--cli",
           cli,
           "--grace",
-          "6000"
+          "6000",
+          "--yes"
         ])
 
       tail = detached("tail", ["-f", script])
@@ -193,7 +194,7 @@ defmodule DSPexProcess.AdversarialTest do
       # What the cleaner saw: only its own uid's processes; the VM and PID 1 hidden.
       assert json(out, "d['found']") == "1", out
       assert json(out, "d['details'][0]['pid']") == Integer.to_string(orphan.pid), out
-      assert json(out, "d['protected']['foreign']") == "2", out
+      assert json(out, "d['classes']['foreign']") == "2", out
       assert all_alive?([marked_id, unmarked_id]), "a worker of a live VM was ended: #{out}"
       assert eventually(fn -> not alive?(orphan.pid, orphan.start_time) end)
 

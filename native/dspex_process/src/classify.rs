@@ -385,16 +385,7 @@ fn read_proc_info(pid: i32) -> Seen {
     }
 }
 
-/// Whether any process has `pid`, asked of the kernel rather than of `/proc`:
-/// `kill(pid, 0)` fails with ESRCH only when there is none (EPERM means there is one).
-pub fn pid_exists(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: signal 0 only checks existence and permission; nothing is sent.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
-}
+pub use crate::sys::pid_exists;
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@
 use crate::identity::{Pid, ProcessIdentity};
 use crate::terminate::{self, Outcome, TerminateOptions};
 use std::collections::HashSet;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// One line of the VM-to-guardian protocol.
@@ -126,7 +126,7 @@ pub struct VmWatch {
 impl VmWatch {
     /// Watches `identity`; `None` when that VM is already gone.
     pub fn new(identity: ProcessIdentity) -> Option<VmWatch> {
-        let pidfd = terminate::pidfd_open(identity.pid).ok();
+        let pidfd = crate::sys::pidfd_open(identity.pid).ok();
         // Checked after the pidfd is open: if it matches now, the pidfd is that VM's.
         if !identity.is_current() {
             return None;
@@ -135,14 +135,14 @@ impl VmWatch {
     }
 
     /// The descriptor that becomes readable when the VM exits, when there is one.
-    pub fn fd(&self) -> Option<i32> {
-        self.pidfd.as_ref().map(|fd| fd.as_raw_fd())
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(|fd| fd.as_fd())
     }
 
     /// Whether the VM has exited (a zombie has exited too).
     pub fn exited(&self) -> bool {
         match &self.pidfd {
-            Some(fd) => terminate::poll_exited(&[fd.as_raw_fd()], 0)[0],
+            Some(fd) => crate::sys::poll_exited(&[fd.as_fd()], 0)[0],
             None => !self.identity.is_current() || self.is_zombie(),
         }
     }
@@ -166,7 +166,7 @@ impl VmWatch {
             match &self.pidfd {
                 Some(fd) => {
                     let ms = i32::try_from(slice.as_millis().max(1)).unwrap_or(i32::MAX);
-                    terminate::poll_exited(&[fd.as_raw_fd()], ms);
+                    crate::sys::poll_exited(&[fd.as_fd()], ms);
                 }
                 None => std::thread::sleep(slice),
             }

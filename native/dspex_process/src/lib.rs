@@ -21,6 +21,7 @@ mod proc_facts;
 mod proptests;
 mod registry;
 pub mod scan;
+mod sys;
 pub mod terminate;
 #[cfg(test)]
 mod test_util;
@@ -30,13 +31,4 @@ pub use identity::{Pid, ProcessIdentity};
 pub use proc_facts::{read_uid, ProcessFacts, ProcessState, Stat};
 pub use registry::{Registry, RegistryStats, WorkerEntry};
 
-/// Lowers the calling thread's CPU priority (nice 10). The scan and termination threads
-/// do bursts of `/proc` work; on a small machine they must not take the CPU from the VM's
-/// schedulers, which run the application's own processes.
-pub fn lower_thread_priority() {
-    // SAFETY: plain syscalls on the calling thread; failure leaves the priority unchanged.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-    }
-}
+pub use sys::lower_thread_priority;

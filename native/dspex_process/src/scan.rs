@@ -362,18 +362,7 @@ fn scan_pids(pids: &[i32], pattern: &Pattern) -> Vec<Candidate> {
 /// Opens `PID/cmdline` relative to an open `/proc`, sparing the kernel the walk from `/`
 /// for each of the thousand files of a scan.
 fn open_cmdline(proc_dir: &std::fs::File, pid: i32) -> Option<std::fs::File> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let path = std::ffi::CString::new(format!("{pid}/cmdline")).ok()?;
-    // SAFETY: a valid directory descriptor and a NUL-terminated path; a non-negative
-    // result is a new descriptor that the returned File owns.
-    let fd = unsafe {
-        libc::openat(
-            proc_dir.as_raw_fd(),
-            path.as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    (fd >= 0).then(|| unsafe { std::fs::File::from_raw_fd(fd) })
+    crate::sys::open_read_at(proc_dir, &format!("{pid}/cmdline"))
 }
 
 #[cfg(test)]

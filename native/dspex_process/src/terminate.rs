@@ -40,12 +40,11 @@ use crate::identity::{Pid, ProcessIdentity};
 #[cfg(test)]
 use crate::proc_facts::ProcessFacts;
 use crate::proc_facts::{all_pids, read_uid, Stat};
+use crate::sys;
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-/// `pidfd_send_signal` flag (Linux 6.9): signal the pidfd's whole process group.
-const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
 /// Descriptors left free for everything else (the `/proc` reads of pinning and waiting, the
 /// caller's own files) when pidfds are handed out.
 const FD_RESERVE: usize = 16;
@@ -211,13 +210,7 @@ impl Budget {
     /// What the descriptor limit leaves: the soft limit, minus what is open now, minus a
     /// reserve for everything else.
     fn of_this_process() -> Budget {
-        let mut limit = libc::rlimit {
-            rlim_cur: 1024,
-            rlim_max: 1024,
-        };
-        // SAFETY: getrlimit fills the struct we own.
-        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-        let soft = limit.rlim_cur;
+        let soft = sys::nofile_soft_limit();
         let open = std::fs::read_dir("/proc/self/fd").map_or(usize::MAX, |d| d.count());
         let soft = usize::try_from(soft).unwrap_or(usize::MAX);
         Budget(soft.saturating_sub(open.saturating_add(FD_RESERVE)))
@@ -238,7 +231,7 @@ impl Pinned {
     fn pin(identity: ProcessIdentity, budget: &mut Budget) -> Result<(Pinned, Seen), Outcome> {
         let raw = identity.pid.as_raw();
         let pidfd = if budget.take() {
-            match pidfd_open(identity.pid) {
+            match sys::pidfd_open(identity.pid) {
                 Ok(fd) => Some(fd),
                 Err(libc::ESRCH) => return Err(Outcome::AlreadyGone),
                 // ENOSYS, EMFILE, ENFILE...: identity-checked kill(2) instead.
@@ -283,9 +276,9 @@ impl Pinned {
     /// Sends `signal` to this process alone.
     fn signal(&mut self, signal: libc::c_int) -> Sent {
         let rc = match &self.pidfd {
-            Some(fd) => pidfd_send_signal(fd, signal, 0),
+            Some(fd) => sys::pidfd_send_signal(fd, signal),
             None => match self.check() {
-                Ok(true) => raw_kill(self.identity.pid.as_raw(), signal),
+                Ok(true) => sys::kill(self.identity.pid.as_raw(), signal),
                 Ok(false) => Err(libc::ESRCH),
                 Err(errno) => return Sent::Unverified(errno),
             },
@@ -308,17 +301,15 @@ impl Pinned {
         let pid = self.identity.pid.as_raw();
         match &self.pidfd {
             Some(fd) => {
-                if pidfd_send_signal(fd, signal, PIDFD_SIGNAL_PROCESS_GROUP) == Err(libc::EINVAL)
-                    && self.is_alive()
-                {
+                if sys::pidfd_signal_group(fd, signal) == Err(libc::EINVAL) && self.is_alive() {
                     // Kernel before 6.9. The group is the leader's, and the leader is
                     // pinned and alive: its pgid cannot have been reused.
-                    let _ = raw_kill(-pid, signal);
+                    let _ = sys::kill(-pid, signal);
                 }
             }
             None => {
                 if self.check() == Ok(true) {
-                    let _ = raw_kill(-pid, signal);
+                    let _ = sys::kill(-pid, signal);
                 }
             }
         }
@@ -338,7 +329,7 @@ impl Pinned {
 
     fn is_alive(&self) -> bool {
         match &self.pidfd {
-            Some(fd) => !poll_exited(&[fd.as_raw_fd()], 0)[0],
+            Some(fd) => !sys::poll_exited(&[fd.as_fd()], 0)[0],
             None => self.check() != Ok(false),
         }
     }
@@ -347,7 +338,7 @@ impl Pinned {
 /// Whether the process behind `pid` (or the pidfd, when there is one) still exists.
 fn exists(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
     match pidfd {
-        Some(fd) => !poll_exited(&[fd.as_raw_fd()], 0)[0],
+        Some(fd) => !sys::poll_exited(&[fd.as_fd()], 0)[0],
         None => crate::classify::pid_exists(pid),
     }
 }
@@ -355,74 +346,8 @@ fn exists(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
 /// Whether this kernel has pidfds (Linux 5.3+): opens one on the calling process.
 pub fn pidfd_supported() -> bool {
     Pid::new(i64::from(std::process::id()))
-        .map(|me| pidfd_open(me).is_ok())
+        .map(|me| sys::pidfd_open(me).is_ok())
         .unwrap_or(false)
-}
-
-pub(crate) fn pidfd_open(pid: Pid) -> Result<OwnedFd, i32> {
-    // SAFETY: plain syscall; a non-negative return is a new descriptor we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    if fd < 0 {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    } else {
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-}
-
-fn pidfd_send_signal(fd: &OwnedFd, signal: libc::c_int, flags: libc::c_uint) -> Result<(), i32> {
-    // SAFETY: plain syscall on a descriptor we own; a null siginfo is allowed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            flags,
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    } else {
-        Ok(())
-    }
-}
-
-fn raw_kill(pid: i32, signal: libc::c_int) -> Result<(), i32> {
-    // Callers only pass pids > 1 or the negated pid of a pinned group leader.
-    debug_assert!(!(-1..=1).contains(&pid));
-    // SAFETY: plain syscall.
-    if unsafe { libc::kill(pid, signal) } < 0 {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    } else {
-        Ok(())
-    }
-}
-
-/// Which of `fds` report their process as exited, waiting up to `timeout_ms`.
-pub(crate) fn poll_exited(fds: &[i32], timeout_ms: i32) -> Vec<bool> {
-    let mut pollfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: pollfds is a valid array of the given length.
-    let rc = unsafe {
-        libc::poll(
-            pollfds.as_mut_ptr(),
-            pollfds.len() as libc::nfds_t,
-            timeout_ms,
-        )
-    };
-    if rc <= 0 {
-        return vec![false; fds.len()];
-    }
-    pollfds
-        .iter()
-        .map(|p| p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
-        .collect()
 }
 
 /// Waits until every pinned process has exited or `deadline` passes.
@@ -434,7 +359,7 @@ fn wait_all(pinned: &mut [&mut Pinned], deadline: Instant) {
                 continue;
             }
             match &p.pidfd {
-                Some(fd) => with_fd.push((i, fd.as_raw_fd())),
+                Some(_) => with_fd.push(i),
                 None => match p.check() {
                     Ok(alive) => {
                         p.exited = !alive;
@@ -459,13 +384,19 @@ fn wait_all(pinned: &mut [&mut Pinned], deadline: Instant) {
         } else {
             left
         };
-        let fds: Vec<i32> = with_fd.iter().map(|(_, fd)| *fd).collect();
         let timeout = i32::try_from(slice.as_millis().max(1)).unwrap_or(i32::MAX);
-        if fds.is_empty() {
+        if with_fd.is_empty() {
             std::thread::sleep(slice);
             continue;
         }
-        for ((i, _), exited) in with_fd.iter().zip(poll_exited(&fds, timeout)) {
+        let exited = {
+            let fds: Vec<BorrowedFd<'_>> = with_fd
+                .iter()
+                .filter_map(|&i| pinned[i].pidfd.as_ref().map(|fd| fd.as_fd()))
+                .collect();
+            sys::poll_exited(&fds, timeout)
+        };
+        for (i, exited) in with_fd.iter().zip(exited) {
             if exited {
                 pinned[*i].exited = true;
             }
@@ -656,8 +587,8 @@ fn take_turn(deadline: Instant) -> Option<std::fs::File> {
     // Another user's lock file can still be locked through a read-only descriptor.
     let file = open(true).or_else(|_| open(false)).ok()?;
     loop {
-        // SAFETY: flock on a descriptor we own; released when the file is dropped.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        // Released when the file is dropped.
+        if sys::try_lock_exclusive(&file) {
             return Some(file);
         }
         if Instant::now() >= deadline {

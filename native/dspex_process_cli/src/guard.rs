@@ -10,6 +10,7 @@ use clap::Args;
 use dspex_process::guardian::{VmWatch, Watchlist};
 use dspex_process::terminate::{Outcome, TerminateOptions};
 use dspex_process::{Pid, ProcessIdentity};
+use rustix::event::{PollFd, PollFlags, Timespec};
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -105,45 +106,41 @@ pub fn guard(args: GuardArgs) -> ExitCode {
 
 /// Reads notices until the VM dies (true) or stdin closes while the VM lives (false).
 fn follow(watch: &VmWatch, list: &mut Watchlist) -> bool {
-    let stdin = libc::STDIN_FILENO;
+    let stdin = std::io::stdin();
     let mut buf = vec![0u8; 64 * 1024];
     let mut next_prune = Instant::now() + PRUNE_EVERY;
+    // Without a pidfd, look at the VM every 200 ms.
+    let timeout = Timespec {
+        tv_sec: if watch.fd().is_some() { 5 } else { 0 },
+        tv_nsec: if watch.fd().is_some() { 0 } else { 200_000_000 },
+    };
     loop {
-        let mut fds = vec![libc::pollfd {
-            fd: stdin,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        if let Some(fd) = watch.fd() {
-            fds.push(libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
-        }
-        // Without a pidfd, look at the VM every 200 ms.
-        let timeout = if watch.fd().is_some() { 5_000 } else { 200 };
-        // SAFETY: fds is a valid array of the given length.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            // poll itself failed: fall back to asking about the VM directly.
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let stdin_ready = {
+            let mut fds = vec![PollFd::new(&stdin, PollFlags::IN)];
+            if let Some(fd) = watch.fd() {
+                fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+            }
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(_) => !fds[0].revents().is_empty(),
+                Err(rustix::io::Errno::INTR) => false,
+                Err(_) => {
+                    // poll itself failed: fall back to asking about the VM directly.
+                    std::thread::sleep(Duration::from_millis(200));
+                    false
+                }
+            }
+        };
         if watch.exited() {
             // Take in what the VM managed to write before it died.
-            drain(stdin, &mut buf, list);
+            drain(&stdin, &mut buf, list);
             return true;
         }
-        if fds[0].revents != 0 {
-            // SAFETY: reading into a buffer we own, of its length.
-            let n = unsafe { libc::read(stdin, buf.as_mut_ptr().cast(), buf.len()) };
-            if n > 0 {
-                list.feed(&buf[..n as usize]);
-            } else if n == 0
-                || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-            {
+        if stdin_ready {
+            match rustix::io::read(&stdin, &mut buf) {
+                Ok(n) if n > 0 => list.feed(&buf[..n]),
+                Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
                 // stdin closed: the VM is dying, or its guardian process stopped.
-                return watch.wait_exit(EOF_EXIT_WAIT);
+                _ => return watch.wait_exit(EOF_EXIT_WAIT),
             }
         }
         if Instant::now() >= next_prune {
@@ -154,22 +151,19 @@ fn follow(watch: &VmWatch, list: &mut Watchlist) -> bool {
 }
 
 /// Reads whatever is left on stdin without blocking.
-fn drain(stdin: i32, buf: &mut [u8], list: &mut Watchlist) {
+fn drain(stdin: &std::io::Stdin, buf: &mut [u8], list: &mut Watchlist) {
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     loop {
-        let mut fd = libc::pollfd {
-            fd: stdin,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        if unsafe { libc::poll(&mut fd, 1, 0) } <= 0 {
+        let mut fds = [PollFd::new(stdin, PollFlags::IN)];
+        if !matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(n) if n > 0) {
             return;
         }
-        // SAFETY: reading into a buffer we own, of its length.
-        let n = unsafe { libc::read(stdin, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
-            return;
+        match rustix::io::read(stdin, &mut *buf) {
+            Ok(n) if n > 0 => list.feed(&buf[..n]),
+            _ => return,
         }
-        list.feed(&buf[..n as usize]);
     }
 }

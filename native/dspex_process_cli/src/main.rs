@@ -542,11 +542,8 @@ fn apply_limits(args: &ExecArgs) -> Result<(), String> {
         }
     }
     if let Some(n) = args.nice {
-        // SAFETY: plain syscall on the calling process.
-        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(format!("setpriority({n}) failed: {e}"));
-        }
+        rustix::process::setpriority_process(None, n)
+            .map_err(|e| format!("setpriority({n}) failed: {e}"))?;
     }
     Ok(())
 }
