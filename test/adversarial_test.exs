@@ -64,8 +64,9 @@ defmodule DSPexProcess.AdversarialTest do
   describe "item 1: naming the pattern does not make a worker" do
     test "cleaners, tail and a shell script re-parented to PID 1 are never condemned",
          %{script: script, pattern: pattern, cli: cli} do
-      # One orphan that ignores SIGTERM keeps the first cleaner busy for its grace.
-      [orphan] = make_orphans(2, pattern) |> Enum.drop(1)
+      # One orphan that ignores SIGTERM keeps the first cleaner busy for its grace; the
+      # other, which does not, it ends at once.
+      [first, orphan] = make_orphans(2, pattern)
       cleaner = detached(cli, ["cleanup", "--yes", "--grace", "6000", "--pattern", pattern])
 
       shell_cleaner =
@@ -86,6 +87,8 @@ defmodule DSPexProcess.AdversarialTest do
       bystanders = [cleaner, shell_cleaner, tail, inline]
 
       assert eventually(fn -> all_alive?(bystanders) end)
+      # The cleaner is at work (under load it may take a moment to start).
+      assert eventually(fn -> all_gone?([first]) end, 10_000)
 
       classified =
         OrphanDetector.classify_processes(pattern: pattern, min_age_ms: 0)
