@@ -23,6 +23,18 @@ defmodule DSPex.Python.OrphanDetector do
   read back from `/proc/PID/environ`. They make ownership outlive the owner's memory: a
   BEAM started after a crash, or the CLI, can tell whose worker a process is.
 
+  ## Cgroups of dead VMs
+
+  With cgroup containment (see `DSPexProcess.Guardian`), every registered process lives in
+  a leaf of its VM's cgroup, `dspex-<pidns>-<vm pid>-<vm start>`, named with the VM's
+  identity. When that VM is dead (its pid gone or another process now, or a zombie; judged
+  only in the reader's own pid namespace, and a pid that cannot be read counts as alive),
+  everything still in its cgroup is an orphan with reason `:cgroup_owner_dead`, whatever
+  its argv, session or process group (a daemon the worker double-forked). Processes the
+  pattern already classified keep that class. Cleanup ends them with their leaf
+  (`cgroup.kill` after the grace) and removes the emptied cgroups of dead VMs. The option
+  `cgroups: false` turns this pass off.
+
   When no registry is running, this BEAM's own processes are never condemned (there is no
   way to tell a live one from a leaked one), but orphans of dead BEAMs still are.
 
@@ -55,7 +67,9 @@ defmodule DSPex.Python.OrphanDetector do
       Default `false`.
     * `:allow_other_users` - allow signalling processes of another uid. Default `false`.
     * `:reasons` - act only on orphans with these reasons (`:owner_dead`, `:worker_gone`,
-      `:reparented`, `:unmanaged`). Default: all.
+      `:reparented`, `:cgroup_owner_dead`, `:unmanaged`). Default: all.
+    * `:cgroups` - also report the processes in the cgroups of dead VMs
+      (`:cgroup_owner_dead`, see above). Default `true`.
     * `:dry_run` - report what cleanup would do, signal nothing. Default `false`.
     * `:metrics` - `get_system_status/1` adds `:metrics`: each live registered worker's
       `rss_bytes`, `cpu_time_ms`, `threads`, `state` and `age_ms`, with totals. Default
@@ -68,7 +82,7 @@ defmodule DSPex.Python.OrphanDetector do
   alias DSPexProcess.{Native, Telemetry, Termination}
 
   @default_pattern "dspy_bridge.py"
-  @reasons [:owner_dead, :worker_gone, :reparented, :unmanaged]
+  @reasons [:owner_dead, :worker_gone, :reparented, :cgroup_owner_dead, :unmanaged]
   @protected_classes [:active, :starting, :foreign, :unmanaged, :zombie]
   @defaults [
     pattern: @default_pattern,
@@ -81,10 +95,11 @@ defmodule DSPex.Python.OrphanDetector do
     allow_other_users: false,
     reasons: @reasons,
     dry_run: false,
-    metrics: false
+    metrics: false,
+    cgroups: true
   ]
 
-  @type reason :: :owner_dead | :worker_gone | :reparented | :unmanaged
+  @type reason :: :owner_dead | :worker_gone | :reparented | :cgroup_owner_dead | :unmanaged
   @type owner :: %{
           pid: pos_integer(),
           start_time: non_neg_integer(),
@@ -255,7 +270,7 @@ defmodule DSPex.Python.OrphanDetector do
     detections = detect(opts)
     orphans = orphans(detections, opts)
     again = opts |> detect() |> orphans(opts) |> Map.new(&{{&1.pid, &1.start_time}, true})
-    native = Native.capabilities()
+    native = Map.put(Native.capabilities(), :containment, Native.containment_status())
 
     %{
       status: if(native.proc_filesystem, do: :ok, else: :error),
@@ -353,6 +368,9 @@ defmodule DSPex.Python.OrphanDetector do
         true ->
           Termination.run(Enum.map(targets, &{&1.pid, &1.start_time}), opts)
       end
+
+    # The emptied cgroups of dead VMs (and the empty ones they left) go.
+    if opts[:cgroups] and not opts[:dry_run], do: Native.remove_dead_vm_cgroups()
 
     details = Enum.zip(targets, outcomes) ++ refused
     Enum.each(details, &report_outcome/1)
@@ -452,6 +470,8 @@ defmodule DSPex.Python.OrphanDetector do
 
     case Native.detect(registries, open_port_pids(), opts[:pattern], min_age) do
       {:ok, detections} ->
+        detections = detections ++ cgroup_orphans(detections, opts)
+
         Telemetry.execute(
           [:dspex_process, :scan],
           %{
@@ -466,6 +486,16 @@ defmodule DSPex.Python.OrphanDetector do
 
       {:error, reason} ->
         raise ArgumentError, "invalid :pattern (#{reason})"
+    end
+  end
+
+  # The processes in dead VMs' cgroups that the pattern did not already classify.
+  defp cgroup_orphans(detections, opts) do
+    if opts[:cgroups] do
+      seen = MapSet.new(detections, & &1.pid)
+      Enum.reject(Native.detect_cgroup_orphans(), &MapSet.member?(seen, &1.pid))
+    else
+      []
     end
   end
 
@@ -539,7 +569,14 @@ defmodule DSPex.Python.OrphanDetector do
        do: :ok
 
   defp check_option!({key, v})
-       when key in [:kill_group, :include_unmanaged, :allow_other_users, :dry_run, :metrics] and
+       when key in [
+              :kill_group,
+              :include_unmanaged,
+              :allow_other_users,
+              :dry_run,
+              :metrics,
+              :cgroups
+            ] and
               is_boolean(v),
        do: :ok
 

@@ -625,6 +625,58 @@ pub fn unit_of_path(hierarchy: &Hierarchy, path: &str) -> Option<(VmCgroup, Unit
     Some((vm, unit))
 }
 
+/// The per-VM cgroups, anywhere in the hierarchy, whose VM is dead (judged as
+/// [`vm_alive`] says: another pid namespace, or an unreadable pid, is alive).
+pub fn dead_vm_cgroups() -> Vec<VmCgroup> {
+    let Some(hierarchy) = Hierarchy::find() else {
+        return Vec::new();
+    };
+    let ns = crate::markers::own_pid_namespace();
+    hierarchy
+        .vm_cgroups()
+        .into_iter()
+        .filter(|vm| !vm_alive(&vm.name, ns))
+        .collect()
+}
+
+/// A process found in the cgroup of a dead VM: an orphan whatever its argv.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupOrphan {
+    pub facts: crate::ProcessFacts,
+    /// The dead VM named by the cgroup.
+    pub owner: VmName,
+    /// How long the process has been running, in milliseconds.
+    pub age_ms: u64,
+}
+
+/// Every live process in the cgroups of dead VMs (`vms`), with its facts. VMs (a nested
+/// one would be refused anyway) and processes that vanish while read are left out.
+pub fn cgroup_orphans(vms: &[VmCgroup]) -> Vec<CgroupOrphan> {
+    let mut found = Vec::new();
+    let ticks = procfs::ticks_per_second().max(1);
+    let now = crate::classify::uptime_ticks(ticks);
+    for vm in vms {
+        for raw in vm.as_unit().procs() {
+            let Ok(pid) = Pid::new(i64::from(raw)) else {
+                continue;
+            };
+            let Ok(facts) = crate::ProcessFacts::read(pid) else {
+                continue;
+            };
+            if facts.state.has_exited() || crate::classify::is_beam(&facts.comm) {
+                continue;
+            }
+            let age_ms = now.saturating_sub(facts.start_time) * 1000 / ticks;
+            found.push(CgroupOrphan {
+                facts,
+                owner: vm.name,
+                age_ms,
+            });
+        }
+    }
+    found
+}
+
 fn join_path(base: &str, name: &str) -> String {
     let name = name.trim_start_matches('/');
     if base == "/" || base.is_empty() {
