@@ -73,7 +73,7 @@ def spawn_escaper():
         os.setsid()
         if os.fork() == 0:
             os.write(write_end, str(os.getpid()).encode())
-            os.close(write_end)
+            # The pipe is close-on-exec: the reader sees EOF once the exec is done.
             os.execvp("sleep", ["sleep", "3600"])
         os._exit(0)
     os.close(write_end)

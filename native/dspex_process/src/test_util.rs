@@ -105,7 +105,8 @@ impl Drop for TestVmCgroup {
 
 /// Python code that forks a child, which forks a grandchild that calls `setsid()` and
 /// double-forks (its own parent exits), with an argv of its own (`sleep 300`), once a line
-/// arrives on stdin; prints the escaped pid and sleeps.
+/// arrives on stdin; prints the escaped pid once it has exec'd (the pipe is close-on-exec)
+/// and sleeps.
 pub const ESCAPER: &str = r#"
 import os, sys, time
 sys.stdin.readline()
@@ -115,7 +116,6 @@ if os.fork() == 0:
     if os.fork() == 0:
         os.close(r)
         os.write(w, str(os.getpid()).encode())
-        os.close(w)
         os.execvp("sleep", ["sleep", "300"])
     os._exit(0)
 os.close(w)
