@@ -10,6 +10,7 @@ short UTF-8 commands:
     pid             -> this process's pid
     children        -> the pids of the children it forked, space separated
     env NAME        -> the value of an environment variable ("" when unset)
+    escaped         -> the pid of the process --spawn-escaper left behind ("" without it)
 
 Flags:
     --mode MODE          accepted for compatibility (pool-worker)
@@ -20,6 +21,10 @@ Flags:
                          the parent is gone unless the parent lingers
     --spin-on-eof        busy-loop at 100% CPU once stdin closes, as DSPex's real bridge
                          does: its leak, for tests of an unmodified client
+    --spawn-escaper      fork a child that calls setsid() and forks again, then exits: the
+                         grandchild (re-parented, in a session and group of its own) execs
+                         `sleep 3600`, an argv that matches no pattern. What daemonizing
+                         code does; only a cgroup keeps track of it
 """
 
 import argparse
@@ -37,6 +42,7 @@ def parse_args(argv):
     parser.add_argument("--linger", action="store_true")
     parser.add_argument("--spawn-children", type=int, default=0, metavar="N")
     parser.add_argument("--spin-on-eof", action="store_true")
+    parser.add_argument("--spawn-escaper", action="store_true")
     # Extra arguments (e.g. a unique test marker) are accepted and ignored.
     args, _unknown = parser.parse_known_args(argv)
     return args
@@ -60,6 +66,28 @@ def spawn_children(count):
     return pids
 
 
+def spawn_escaper():
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:
+        os.close(read_end)
+        os.setsid()
+        if os.fork() == 0:
+            os.write(write_end, str(os.getpid()).encode())
+            # The pipe is close-on-exec: the reader sees EOF once the exec is done.
+            os.execvp("sleep", ["sleep", "3600"])
+        os._exit(0)
+    os.close(write_end)
+    pid = b""
+    while True:
+        chunk = os.read(read_end, 32)
+        if not chunk:
+            break
+        pid += chunk
+    os.close(read_end)
+    os.wait()
+    return pid.decode()
+
+
 def read_exact(stream, size):
     data = b""
     while len(data) < size:
@@ -70,7 +98,7 @@ def read_exact(stream, size):
     return data
 
 
-def answer(request, children):
+def answer(request, children, escaped=""):
     command, _, rest = request.decode("utf-8", "replace").partition(" ")
     if command == "ping":
         return "pong"
@@ -82,10 +110,12 @@ def answer(request, children):
         return " ".join(str(p) for p in children)
     if command == "env":
         return os.environ.get(rest, "")
+    if command == "escaped":
+        return escaped
     return "error: unknown command " + command
 
 
-def serve(children):
+def serve(children, escaped=""):
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         header = read_exact(stdin, 4)
@@ -95,7 +125,7 @@ def serve(children):
         request = read_exact(stdin, length)
         if request is None:
             return
-        reply = answer(request, children).encode("utf-8")
+        reply = answer(request, children, escaped).encode("utf-8")
         stdout.write(struct.pack(">I", len(reply)) + reply)
         stdout.flush()
 
@@ -105,7 +135,8 @@ def main():
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     children = spawn_children(args.spawn_children)
-    serve(children)
+    escaped = spawn_escaper() if args.spawn_escaper else ""
+    serve(children, escaped)
     if args.spin_on_eof:
         while True:
             pass

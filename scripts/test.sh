@@ -19,3 +19,25 @@ MIX_ENV=test mix compile --warnings-as-errors
 bash scripts/dialyzer.sh _build/test/lib/dspex_process/ebin
 echo "==> mix test (warnings are errors)"
 MIX_ENV=test mix do compile --warnings-as-errors + test --warnings-as-errors "$@"
+
+echo "==> no cgroup left behind"
+# Every per-VM cgroup of a VM started during this run (the test VM, its peers) must be gone
+# once its VM is: the guard removes the test VM's own after it exits.
+started=$(awk '{print $22}' /proc/$$/stat)
+mount=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
+if [ -n "$mount" ]; then
+  for _ in $(seq 50); do
+    left=""
+    while IFS= read -r dir; do
+      start=${dir##*-}
+      if [ "$start" -ge "$started" ]; then left="$left $dir"; fi
+    done < <(find "$mount" -maxdepth 8 -type d -regex '.*/dspex-[0-9]+-[0-9]+-[0-9]+' 2>/dev/null)
+    [ -z "$left" ] && break
+    sleep 0.1
+  done
+  if [ -n "$left" ]; then
+    echo "cgroups left behind:$left" >&2
+    exit 1
+  fi
+fi
+echo "none"

@@ -23,6 +23,24 @@ defmodule DSPexProcess.Guardian do
       what is still registered — the same identity checks — and exits. It never outlives
       the VM by more than that cleanup.
 
+  ## Containment
+
+  With `containment: :auto` (the default) the guardian gives this VM a cgroup v2 of its
+  own, `dspex-<pidns>-<vm pid>-<vm start>`, under the VM's cgroup, when the hierarchy lets
+  it (root, or a delegated subtree), and moves every OS process registered in a guarded
+  registry into a leaf of its own there, `w-<pid>-<start>`, as soon as it hears of the
+  registration (`DSPexProcess.Worker` enters its leaf before `exec`, so nothing it forks
+  starts outside). Ending a registered process then ends its leaf: SIGTERM to every process
+  in it, and after the grace `cgroup.kill`, which reaches every descendant whatever its
+  session, process group or argv; the empty leaf is removed. `dspex-proc guard` does the
+  same for the whole per-VM cgroup when the VM is killed. `containment/0` says which mode
+  is active and why.
+
+    * `:auto` - use cgroups when possible, otherwise today's pid/group tracking.
+    * `:cgroup` - require them: the guardian (and so the application) does not start when
+      they are impossible, with the reason.
+    * `:none` - never use cgroups.
+
   ## Configuration
 
       config :dspex_process, :guardian,
@@ -30,7 +48,8 @@ defmodule DSPexProcess.Guardian do
         release_delay_ms: 500,
         grace_ms: 1_000,
         kill_wait_ms: 1_000,
-        os_guardian: true
+        os_guardian: true,
+        containment: :auto
 
     * `:end_released` - end OS processes that leave the registry (owner exit, unregister).
       `false` leaves them running (and tells the OS guardian to forget them). Default `true`.
@@ -42,6 +61,7 @@ defmodule DSPexProcess.Guardian do
     * `:end_on_stop` - end every registered process when the VM stops normally.
       Default `true`.
     * `:os_guardian` - run `dspex-proc guard` for the VM-crash layer. Default `true`.
+    * `:containment` - `:auto`, `:cgroup` or `:none` (see above). Default `:auto`.
   """
 
   use GenServer
@@ -56,7 +76,8 @@ defmodule DSPexProcess.Guardian do
     grace_ms: 1_000,
     kill_wait_ms: 1_000,
     end_on_stop: true,
-    os_guardian: true
+    os_guardian: true,
+    containment: :auto
   ]
 
   @typedoc "An OS process: its pid and its start time (clock ticks since boot)."
@@ -91,6 +112,28 @@ defmodule DSPexProcess.Guardian do
           pending: [identity()]
         }
   def status, do: GenServer.call(__MODULE__, :status)
+
+  @typedoc """
+  The containment in use: `mode` is `:cgroup` or `:none`, `requested` the option, `reason`
+  why (the per-VM cgroup, or what made cgroups impossible), `cgroup` the per-VM cgroup's
+  directory, `controllers` those enabled for the leaves (`memory`, `pids`, `cpu`) and
+  `controllers_reason` why the others are not.
+  """
+  @type containment :: %{
+          mode: :cgroup | :none,
+          requested: :auto | :cgroup | :none,
+          reason: String.t(),
+          cgroup: String.t() | nil,
+          controllers: [String.t()],
+          controllers_reason: String.t()
+        }
+
+  @doc """
+  Which containment this VM uses and why (see "Containment"). Answered by the native side,
+  without a call to the guardian.
+  """
+  @spec containment() :: containment()
+  def containment, do: Native.containment_status()
 
   @typedoc "A registration seen while watching (see `watch_registrations/0`)."
   @type registration :: %{
@@ -129,15 +172,18 @@ defmodule DSPexProcess.Guardian do
     for {key, value} <- opts do
       ok? =
         case key do
+          :containment -> value in [:auto, :cgroup, :none]
           k when k in [:end_released, :end_on_stop, :os_guardian] -> is_boolean(value)
           _ -> is_integer(value) and value >= 0 and value <= 600_000
         end
 
       unless ok? do
         expected =
-          if key in [:end_released, :end_on_stop, :os_guardian],
-            do: "a boolean",
-            else: "an integer from 0 to 600_000 (ms)"
+          cond do
+            key == :containment -> "one of :auto, :cgroup, :none"
+            key in [:end_released, :end_on_stop, :os_guardian] -> "a boolean"
+            true -> "an integer from 0 to 600_000 (ms)"
+          end
 
         raise ArgumentError,
               "guardian option #{inspect(key)} must be #{expected}, got: #{inspect(value)}"
@@ -152,9 +198,22 @@ defmodule DSPexProcess.Guardian do
   @impl true
   def init(opts) do
     Process.flag(:trap_exit, true)
+
+    case Native.containment_start(opts[:containment]) do
+      {:ok, containment} -> start(opts, containment)
+      {:error, reason} -> {:stop, {:containment_unavailable, reason}}
+    end
+  end
+
+  defp start(opts, containment) do
+    if containment.requested == :auto and containment.mode == :none do
+      Logger.info("DSPexProcess.Guardian: #{containment.reason}; pid and group tracking only")
+    end
+
     :ok = Native.guardian_attach(self())
 
     state = %{
+      containment: containment,
       opts: opts,
       port: nil,
       os_pid: nil,
@@ -186,7 +245,11 @@ defmodule DSPexProcess.Guardian do
 
   @impl true
   def handle_info({:dspex_registered, {pid, start} = id, worker_id, owner, guarded}, state) do
-    if guarded, do: tell(state, "+", [id])
+    if guarded do
+      tell(state, "+", [id])
+      contain(state, id, worker_id)
+    end
+
     {:noreply, record(state, pid, start, worker_id, owner)}
   end
 
@@ -250,10 +313,41 @@ defmodule DSPexProcess.Guardian do
     # A crash is not a stop: a restarted guardian takes over, the workers stay.
     if state.opts[:end_on_stop] and stop_reason?(reason) do
       end_everything(state)
+      # Empty now: the per-VM cgroup goes (a later start makes it again).
+      Native.containment_stop()
     end
 
     :ok
   end
+
+  # Moves a registered process into its own leaf (a dirty NIF: a cgroup.procs write can
+  # wait on a kernel lock). The guardian hears of every registration, so no caller waits.
+  defp contain(%{containment: %{mode: :cgroup}}, {pid, start}, worker_id) do
+    case Native.cgroup_enter(pid, start) do
+      result when result in [:moved, :already, :gone, :none] ->
+        :ok
+
+      {:elsewhere, path} ->
+        Logger.debug(
+          "DSPexProcess.Guardian: OS process #{pid} (worker #{inspect(worker_id)}) is in " <>
+            "cgroup #{path}, not this VM's: left there, without containment"
+        )
+
+      :raced ->
+        Logger.warning(
+          "DSPexProcess.Guardian: OS process #{pid} exited while it was moved into its " <>
+            "cgroup and its pid was reused; the new process was moved back"
+        )
+
+      {:error, reason} ->
+        Logger.warning(
+          "DSPexProcess.Guardian: could not move OS process #{pid} (worker " <>
+            "#{inspect(worker_id)}) into its cgroup: #{reason}"
+        )
+    end
+  end
+
+  defp contain(_state, _id, _worker_id), do: :ok
 
   defp record(%{watches: watches} = state, _pid, _start, _worker_id, _owner)
        when map_size(watches) == 0,
@@ -298,7 +392,12 @@ defmodule DSPexProcess.Guardian do
 
       schedule(%{state | pending: pending})
     else
-      tell(state, "-", Enum.map(released, fn {pid, start, _} -> {pid, start} end))
+      ids = Enum.map(released, fn {pid, start, _} -> {pid, start} end)
+      # Handed off on purpose: out of this VM's cgroup, so nothing ends it with the VM.
+      if state.containment.mode == :cgroup,
+        do: Enum.each(ids, fn {pid, start} -> Native.cgroup_dissolve(pid, start) end)
+
+      tell(state, "-", ids)
       state
     end
   end
@@ -418,9 +517,15 @@ defmodule DSPexProcess.Guardian do
       true ->
         {beam_pid, beam_start, _ns} = Native.beam_identity()
 
+        cgroup =
+          case state.containment do
+            %{mode: :cgroup, cgroup: dir} -> ["--cgroup", dir]
+            _ -> []
+          end
+
         args =
           ["guard", "--vm-pid", beam_pid, "--vm-start", beam_start] ++
-            ["--grace", opts[:grace_ms], "--kill-wait", opts[:kill_wait_ms]]
+            ["--grace", opts[:grace_ms], "--kill-wait", opts[:kill_wait_ms]] ++ cgroup
 
         port =
           Port.open({:spawn_executable, exe}, [

@@ -77,6 +77,17 @@ defmodule DSPexProcess.Native do
   def guardian_attach(_pid), do: not_loaded()
   def registries_live(_registries), do: not_loaded()
   def registries_hold(_registries, _targets), do: not_loaded()
+  def registry_guarded(_registry), do: not_loaded()
+
+  # Containment (dirty I/O scheduler)
+  def containment_start(_mode), do: not_loaded()
+  def containment_status, do: not_loaded()
+  def containment_stop, do: not_loaded()
+  def cgroup_enter(_pid, _start_time), do: not_loaded()
+  def cgroup_dissolve(_pid, _start_time), do: not_loaded()
+  def cgroup_oom_kills(_pid, _start_time), do: not_loaded()
+  def detect_cgroup_orphans, do: not_loaded()
+  def remove_dead_vm_cgroups, do: not_loaded()
 
   # Detection (dirty I/O scheduler) and termination (its own OS thread)
   def detect(_registries, _port_pids, _patterns, _min_age_ms), do: not_loaded()

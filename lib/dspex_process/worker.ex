@@ -36,7 +36,23 @@ defmodule DSPexProcess.Worker do
       Children that the worker forks are not covered by the guard; the detector finds them.
     * `:limits` - resource limits set by the wrapper before it execs Python:
       `address_space:` bytes (RLIMIT_AS), `open_files:` count (RLIMIT_NOFILE), `nice:`
-      -20..19. Invalid values raise `ArgumentError`. Default `[]`.
+      -20..19; and, through the worker's cgroup (see containment below), `memory_max:`
+      bytes (`memory.max`), `pids_max:` count (`pids.max`), `cpu_weight:` 1..10_000
+      (`cpu.weight`). Where containment is off or the controller is not enabled for this
+      VM's cgroup (`DSPexProcess.Guardian.containment/0` says which and why), a warning is
+      logged and the rlimit stands in: `memory_max` becomes RLIMIT_AS (unless
+      `address_space` is set), `cpu_weight` a nice value (100 is 0, 1 is 19, 10_000 is
+      -20); `pids_max` has no per-tree rlimit and is not enforced then. Invalid values
+      raise `ArgumentError`. Default `[]`.
+
+  ## Containment
+
+  When the guardian runs cgroup containment (`DSPexProcess.Guardian.containment/0` is
+  `mode: :cgroup`) and the registry is guarded, Python starts through `dspex-proc exec
+  --cgroup DIR`, which puts itself in a leaf cgroup of its own before it execs Python: every
+  process Python forks, even one that calls `setsid()` and double-forks, starts inside and
+  ends with the worker (`cgroup.kill` after the grace). A worker killed by the memory
+  controller (`memory.max`) stops with `{:memory_limit_exceeded, exit_status}` and logs it.
 
   ## Example
 
@@ -60,7 +76,15 @@ defmodule DSPexProcess.Worker do
           | {:name, GenServer.name()}
           | {:shutdown_grace_ms, non_neg_integer()}
           | {:guard, boolean() | atom()}
-          | {:limits, [address_space: pos_integer(), open_files: pos_integer(), nice: -20..19]}
+          | {:limits,
+             [
+               address_space: pos_integer(),
+               open_files: pos_integer(),
+               nice: -20..19,
+               memory_max: pos_integer(),
+               pids_max: pos_integer(),
+               cpu_weight: 1..10_000
+             ]}
 
   @doc "A child spec whose id is `{DSPexProcess.Worker, worker_id}`."
   @spec child_spec([option()]) :: Supervisor.child_spec()
@@ -169,19 +193,23 @@ defmodule DSPexProcess.Worker do
 
     python_argv = [opts[:python], opts[:script], "--mode", "pool-worker" | opts[:args]]
 
-    # The wrapper sets the death signal and the limits, then execs Python in place.
+    # The wrapper enters the cgroup, sets the death signal and the limits, then execs
+    # Python in place.
+    {cgroup, limits} = containment(opts)
+    wrapper = cgroup ++ limit_args(limits)
+
     {program, args} =
-      case {opts[:guard], opts[:limits]} do
+      case {opts[:guard], wrapper} do
         {false, []} ->
           {opts[:python], tl(python_argv)}
 
-        {signal, limits} ->
+        {signal, wrapper} ->
           death = ["--pdeathsig", signal || "none"]
-          {guard_executable!(), ["exec" | death] ++ limit_args(limits) ++ ["--" | python_argv]}
+          {guard_executable!(), ["exec" | death] ++ wrapper ++ ["--" | python_argv]}
       end
 
     case open_port(program, args, env) do
-      {:ok, port} -> register(port, id, fingerprint, opts)
+      {:ok, port} -> register(port, id, fingerprint, Keyword.put(opts, :contained, cgroup != []))
       {:error, reason} -> {:stop, {:spawn_failed, program, reason}}
     end
   end
@@ -219,6 +247,7 @@ defmodule DSPexProcess.Worker do
          start_time: start,
          fingerprint: fingerprint,
          registry: opts[:registry],
+         contained: opts[:contained],
          grace: opts[:shutdown_grace_ms],
          waiting: :queue.new()
        }}
@@ -269,7 +298,7 @@ defmodule DSPexProcess.Worker do
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
     for from <- :queue.to_list(state.waiting), do: GenServer.reply(from, {:error, :python_exited})
-    {:stop, {:python_exited, status}, %{state | port: nil, waiting: :queue.new()}}
+    {:stop, exit_reason(state, status), %{state | port: nil, waiting: :queue.new()}}
   end
 
   def handle_info({:EXIT, port, _reason}, %{port: port} = state) do
@@ -308,6 +337,25 @@ defmodule DSPexProcess.Worker do
         )
     end
   end
+
+  # The memory controller counts its kills in the leaf's memory.events (read before the
+  # leaf is removed, in terminate/2).
+  defp exit_reason(%{contained: true} = state, status) do
+    case Native.cgroup_oom_kills(state.os_pid, state.start_time) do
+      n when is_integer(n) and n > 0 ->
+        Logger.error(
+          "DSPexProcess.Worker #{inspect(state.id)}: python process #{state.os_pid} was " <>
+            "killed by its cgroup's memory limit (memory.max)"
+        )
+
+        {:memory_limit_exceeded, status}
+
+      _ ->
+        {:python_exited, status}
+    end
+  end
+
+  defp exit_reason(_state, status), do: {:python_exited, status}
 
   defp safe_close(port) do
     Port.close(port)
@@ -402,7 +450,17 @@ defmodule DSPexProcess.Worker do
     |> Keyword.update!(:limits, &limits!/1)
   end
 
-  @limits [address_space: "--rlimit-as", open_files: "--rlimit-nofile", nice: "--nice"]
+  @limits [
+    address_space: "--rlimit-as",
+    open_files: "--rlimit-nofile",
+    nice: "--nice",
+    memory_max: "--memory-max",
+    pids_max: "--pids-max",
+    cpu_weight: "--cpu-weight"
+  ]
+
+  # {limit key, cgroup controller}
+  @cgroup_limits [memory_max: "memory", pids_max: "pids", cpu_weight: "cpu"]
 
   defp limits!(limits) do
     unless Keyword.keyword?(limits), do: invalid!(:limits, limits)
@@ -410,16 +468,85 @@ defmodule DSPexProcess.Worker do
     for {key, value} <- limits do
       ok? =
         case key do
-          :address_space -> is_integer(value) and value > 0
-          :open_files -> is_integer(value) and value > 0
-          :nice -> is_integer(value) and value in -20..19
-          _ -> false
+          k when k in [:address_space, :open_files, :memory_max, :pids_max] ->
+            is_integer(value) and value > 0
+
+          :nice ->
+            is_integer(value) and value in -20..19
+
+          :cpu_weight ->
+            is_integer(value) and value in 1..10_000
+
+          _ ->
+            false
         end
 
       check!(ok?, :limits, [{key, value}])
     end
 
     limits
+  end
+
+  # The wrapper's cgroup arguments, and the limits with the cgroup ones that cannot be had
+  # replaced by their rlimit stand-ins.
+  defp containment(opts) do
+    status = Native.containment_status()
+
+    cgroup =
+      if status.mode == :cgroup and
+           Native.registry_guarded(ProcessRegistry.resource!(opts[:registry])),
+         do: ["--cgroup", status.cgroup],
+         else: []
+
+    available = if cgroup == [], do: [], else: status.controllers
+
+    limits =
+      Enum.flat_map(opts[:limits], fn {key, value} = limit ->
+        controller = @cgroup_limits[key]
+
+        if controller == nil or controller in available,
+          do: [limit],
+          else: fall_back(key, value, opts[:limits], status, cgroup == [])
+      end)
+
+    {cgroup, limits}
+  end
+
+  defp fall_back(key, value, limits, status, no_cgroup?) do
+    why =
+      if no_cgroup?,
+        do: "this worker has no cgroup (#{status.reason})",
+        else: status.controllers_reason
+
+    {stand_in, text} =
+      case key do
+        :memory_max ->
+          if Keyword.has_key?(limits, :address_space),
+            do: {[], "address_space is set and stands"},
+            else: {[address_space: value], "RLIMIT_AS #{value} stands in"}
+
+        :cpu_weight ->
+          nice = nice_of_weight(value)
+
+          if Keyword.has_key?(limits, :nice),
+            do: {[], "nice is set and stands"},
+            else: {[nice: nice], "nice #{nice} stands in"}
+
+        :pids_max ->
+          {[], "no rlimit counts a process tree: not enforced"}
+      end
+
+    Logger.warning(
+      "DSPexProcess.Worker: limit #{inspect(key)} needs the cgroup controller " <>
+        "#{@cgroup_limits[key]}: #{why}; #{text}"
+    )
+
+    stand_in
+  end
+
+  # systemd's mapping of cpu.weight to nice: 100 is 0, each factor 1.25 is one step.
+  defp nice_of_weight(weight) do
+    round(-:math.log(weight / 100) / :math.log(1.25)) |> max(-20) |> min(19)
   end
 
   defp limit_args(limits) do

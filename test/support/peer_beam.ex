@@ -15,9 +15,17 @@ defmodule DSPexProcess.Test.PeerBeam do
   python = System.fetch_env!("PEER_PYTHON")
   guard = System.fetch_env!("PEER_GUARD") == "true"
 
+  containment = String.to_atom(System.fetch_env!("PEER_CONTAINMENT"))
+
   # Without its guardian, the peer leaves real orphans when it is killed, for the detector.
   if System.fetch_env!("PEER_GUARDIAN") == "false",
-    do: Application.put_env(:dspex_process, :guardian, end_released: false, os_guardian: false)
+    do:
+      Application.put_env(:dspex_process, :guardian,
+        end_released: false,
+        os_guardian: false,
+        containment: containment
+      ),
+    else: Application.put_env(:dspex_process, :guardian, containment: containment)
 
   {:ok, _} = Application.ensure_all_started(:dspex_process)
 
@@ -47,11 +55,14 @@ defmodule DSPexProcess.Test.PeerBeam do
   Starts a peer BEAM running `count` workers of `script` with `args`; `guard: true` starts
   them through the PDEATHSIG guard (default `false`, so that they can be orphaned), and
   `guardian: true` runs the library's guardian there (default `false`: a killed peer leaves
-  orphans). Returns once every worker answers.
+  orphans). `containment:` is the guardian's option there (default `:auto` with the
+  guardian, `:none` without it: a peer without protection leaves its orphans outside any
+  cgroup). Returns once every worker answers.
   """
   def start(script, count, args \\ [], opts \\ []) do
     guard = Keyword.get(opts, :guard, false)
     guardian = Keyword.get(opts, :guardian, false)
+    containment = Keyword.get(opts, :containment, if(guardian, do: :auto, else: :none))
     elixir = System.find_executable("elixir") || raise "elixir is needed for the tests"
     ebin = :code.lib_dir(:dspex_process, :ebin) |> List.to_string()
 
@@ -65,7 +76,8 @@ defmodule DSPexProcess.Test.PeerBeam do
           {~c"PEER_SCRIPT", String.to_charlist(script)},
           {~c"PEER_PYTHON", String.to_charlist(python())},
           {~c"PEER_GUARD", ~c"#{guard}"},
-          {~c"PEER_GUARDIAN", ~c"#{guardian}"}
+          {~c"PEER_GUARDIAN", ~c"#{guardian}"},
+          {~c"PEER_CONTAINMENT", ~c"#{containment}"}
         ],
         args:
           distribution(opts) ++ ["-pa", ebin, "-e", @peer_code, Integer.to_string(count)] ++ args

@@ -16,6 +16,38 @@ defmodule DSPex.Python.OrphanDetector do
   every rule beyond it, is in the usage guide (`guides/usage.md`, "Orphan detection and
   cleanup").
 
+  Markers are environment variables that `DSPexProcess.Worker` stamps on each Python
+  process (the owner BEAM's pid and start time, a run id, the worker id, the fingerprint),
+  read back from `/proc/PID/environ`. They make ownership outlive the owner's memory: a
+  BEAM started after a crash, or the CLI, can tell whose worker a process is.
+
+  ## Cgroups of dead VMs
+
+  With cgroup containment (see `DSPexProcess.Guardian`), every registered process lives in
+  a leaf of its VM's cgroup, `dspex-<pidns>-<vm pid>-<vm start>`, named with the VM's
+  identity. When that VM is dead (its pid gone or another process now, or a zombie; judged
+  only in the reader's own pid namespace, and a pid that cannot be read counts as alive),
+  everything still in its cgroup is an orphan with reason `:cgroup_owner_dead`, whatever
+  its argv, session or process group (a daemon the worker double-forked). Processes the
+  pattern already classified keep that class. Cleanup ends them with their leaf
+  (`cgroup.kill` after the grace) and removes the emptied cgroups of dead VMs. The option
+  `cgroups: false` turns this pass off.
+
+  When no registry is running, this BEAM's own processes are never condemned (there is no
+  way to tell a live one from a leaked one), but orphans of dead BEAMs still are.
+
+  ## Termination
+
+  Cleanup classifies again at the moment it acts, pins every target with a pidfd after
+  re-checking its start time, sends SIGTERM to all of them at once (with the members of
+  the process group a target leads, its descendants found by parent links, and its
+  containment cgroup), waits on one shared deadline (`:grace_ms`), sends SIGKILL to the
+  survivors and waits `:kill_wait_ms` more: many orphans take about one grace period, not
+  one each. It never signals PID 1, this BEAM, its ancestors, its own
+  process group, or another user's process (unless `allow_other_users: true`).
+
+  ## Options
+
   Every function takes a keyword list; unknown keys and bad values raise `ArgumentError`.
 
     * `:pattern` - a string or a list of strings (1 to 64, each 1 to 4096 bytes, no NUL),
@@ -33,7 +65,9 @@ defmodule DSPex.Python.OrphanDetector do
       Default `false`.
     * `:allow_other_users` - allow signalling processes of another uid. Default `false`.
     * `:reasons` - act only on orphans with these reasons (`:owner_dead`, `:worker_gone`,
-      `:reparented`, `:unmanaged`). Default: all.
+      `:reparented`, `:cgroup_owner_dead`, `:unmanaged`). Default: all.
+    * `:cgroups` - also report the processes in the cgroups of dead VMs
+      (`:cgroup_owner_dead`, see above). Default `true`.
     * `:dry_run` - report what cleanup would do, signal nothing. Default `false`.
     * `:metrics` - `get_system_status/1` adds `:metrics`: each live registered worker's
       `rss_bytes`, `cpu_time_ms`, `threads`, `state` and `age_ms`, with totals. Default
@@ -46,7 +80,7 @@ defmodule DSPex.Python.OrphanDetector do
   alias DSPexProcess.{Native, Telemetry, Termination}
 
   @default_pattern "dspy_bridge.py"
-  @reasons [:owner_dead, :worker_gone, :reparented, :unmanaged]
+  @reasons [:owner_dead, :worker_gone, :reparented, :cgroup_owner_dead, :unmanaged]
   @protected_classes [:active, :starting, :foreign, :unmanaged, :zombie]
   @defaults [
     pattern: @default_pattern,
@@ -59,10 +93,11 @@ defmodule DSPex.Python.OrphanDetector do
     allow_other_users: false,
     reasons: @reasons,
     dry_run: false,
-    metrics: false
+    metrics: false,
+    cgroups: true
   ]
 
-  @type reason :: :owner_dead | :worker_gone | :reparented | :unmanaged
+  @type reason :: :owner_dead | :worker_gone | :reparented | :cgroup_owner_dead | :unmanaged
   @type owner :: %{
           pid: pos_integer(),
           start_time: non_neg_integer(),
@@ -233,7 +268,7 @@ defmodule DSPex.Python.OrphanDetector do
     detections = detect(opts)
     orphans = orphans(detections, opts)
     again = opts |> detect() |> orphans(opts) |> Map.new(&{{&1.pid, &1.start_time}, true})
-    native = Native.capabilities()
+    native = Map.put(Native.capabilities(), :containment, Native.containment_status())
 
     %{
       status: if(native.proc_filesystem, do: :ok, else: :error),
@@ -331,6 +366,9 @@ defmodule DSPex.Python.OrphanDetector do
         true ->
           Termination.run(Enum.map(targets, &{&1.pid, &1.start_time}), opts)
       end
+
+    # The emptied cgroups of dead VMs (and the empty ones they left) go.
+    if opts[:cgroups] and not opts[:dry_run], do: Native.remove_dead_vm_cgroups()
 
     details = Enum.zip(targets, outcomes) ++ refused
     Enum.each(details, &report_outcome/1)
@@ -430,6 +468,8 @@ defmodule DSPex.Python.OrphanDetector do
 
     case Native.detect(registries, open_port_pids(), opts[:pattern], min_age) do
       {:ok, detections} ->
+        detections = detections ++ cgroup_orphans(detections, opts)
+
         Telemetry.execute(
           [:dspex_process, :scan],
           %{
@@ -444,6 +484,16 @@ defmodule DSPex.Python.OrphanDetector do
 
       {:error, reason} ->
         raise ArgumentError, "invalid :pattern (#{reason})"
+    end
+  end
+
+  # The processes in dead VMs' cgroups that the pattern did not already classify.
+  defp cgroup_orphans(detections, opts) do
+    if opts[:cgroups] do
+      seen = MapSet.new(detections, & &1.pid)
+      Enum.reject(Native.detect_cgroup_orphans(), &MapSet.member?(seen, &1.pid))
+    else
+      []
     end
   end
 
@@ -517,7 +567,14 @@ defmodule DSPex.Python.OrphanDetector do
        do: :ok
 
   defp check_option!({key, v})
-       when key in [:kill_group, :include_unmanaged, :allow_other_users, :dry_run, :metrics] and
+       when key in [
+              :kill_group,
+              :include_unmanaged,
+              :allow_other_users,
+              :dry_run,
+              :metrics,
+              :cgroups
+            ] and
               is_boolean(v),
        do: :ok
 

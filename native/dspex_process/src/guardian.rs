@@ -109,9 +109,14 @@ impl Watchlist {
 
     /// Ends every tracked process (TERM, `options.grace`, KILL), each pinned and checked
     /// first. Returns each identity with its outcome.
-    pub fn end_all(&self, options: &TerminateOptions) -> Vec<(ProcessIdentity, Outcome)> {
+    /// With `cgroup` (the VM's per-VM cgroup), each target's leaf goes with it.
+    pub fn end_all(
+        &self,
+        options: &TerminateOptions,
+        cgroup: Option<&crate::cgroup::VmCgroup>,
+    ) -> Vec<(ProcessIdentity, Outcome)> {
         let targets: Vec<ProcessIdentity> = self.tracked.iter().copied().collect();
-        let outcomes = terminate::terminate(&targets, options);
+        let outcomes = terminate::terminate_contained(&targets, options, cgroup);
         targets.into_iter().zip(outcomes).collect()
     }
 }
@@ -249,7 +254,7 @@ mod tests {
             grace: Duration::from_millis(500),
             ..TerminateOptions::default()
         };
-        let mut outcomes = list.end_all(&options);
+        let mut outcomes = list.end_all(&options, None);
         outcomes.sort_by_key(|(i, _)| i.start_time);
         assert!(
             outcomes.contains(&(tracked_id, Outcome::Graceful)),

@@ -10,6 +10,7 @@
 //! - [`Registry`]: the concurrent worker registry, generic over the key, the owner handle
 //!   and the monitor handle, so the NIF can back it with Erlang terms and pids.
 
+pub mod cgroup;
 pub mod classify;
 mod error;
 pub mod guardian;

@@ -112,6 +112,11 @@ pub(crate) fn open_read_at(dir: &impl AsFd, path: &str) -> Option<std::fs::File>
         .map(std::fs::File::from)
 }
 
+/// Whether this process may write `path` (`access(2)` with `W_OK`).
+pub(crate) fn writable(path: &std::path::Path) -> bool {
+    rustix::fs::access(path, rustix::fs::Access::WRITE_OK).is_ok()
+}
+
 /// Lowers the calling thread's CPU priority (nice 10). The scan and termination threads
 /// do bursts of `/proc` work; on a small machine they must not take the CPU from the VM's
 /// schedulers, which run the application's own processes. Failure changes nothing.

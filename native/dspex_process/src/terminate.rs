@@ -35,6 +35,7 @@
 //! goes on without it (its signals stay identity-checked; only the attribution of an exit
 //! to one of two overlapping calls is then not exclusive).
 
+use crate::cgroup::{self, Hierarchy, Unit, VmCgroup};
 use crate::error::Error;
 use crate::identity::{Pid, ProcessIdentity};
 #[cfg(test)]
@@ -475,8 +476,38 @@ impl Job {
 }
 
 /// Terminates `targets`, each identified by pid and start time, in parallel. Returns one
-/// outcome per target, in order.
+/// outcome per target, in order. Containment cgroups are used as
+/// [`terminate_contained`] describes, with no per-VM cgroup of the caller's own.
 pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec<Outcome> {
+    terminate_contained(targets, options, None)
+}
+
+/// A containment cgroup to end with its targets, and the processes pinned in it.
+struct UnitJob {
+    unit: Unit,
+    members: Vec<Pinned>,
+    /// Every member may be signalled: `cgroup.kill` may be written.
+    killable: bool,
+    killed: bool,
+}
+
+/// Terminates `targets` like [`terminate`], and ends their containment cgroups with them.
+///
+/// A target's cgroup is used when `kill_group` is on and the target sits (or, when it is
+/// gone already, sat) in a cgroup this library made for it: the leaf named after it in
+/// `own` (the caller's per-VM cgroup), or a leaf (or the whole per-VM cgroup) of a VM that
+/// is dead. A leaf of a live VM named after another process is never used: that process
+/// may be in use. Every process of the cgroup is pinned (pidfd, then its cgroup read again)
+/// and vetted like a group member, gets SIGTERM with the target, and after the grace
+/// `cgroup.kill` ends whatever is left there, including processes forked meanwhile; a
+/// cgroup holding a process that may not be signalled (another user's, a VM, the caller's
+/// family) is never killed as a whole, its vetted members get SIGKILL one by one. Empty
+/// cgroups are removed at the end.
+pub fn terminate_contained(
+    targets: &[ProcessIdentity],
+    options: &TerminateOptions,
+    own: Option<&VmCgroup>,
+) -> Vec<Outcome> {
     let caller = Caller::current();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; targets.len()];
     let mut jobs: Vec<(usize, Job)> = Vec::new();
@@ -486,6 +517,27 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
     let _turn =
         take_turn(Instant::now() + options.grace + options.kill_wait + Duration::from_secs(10));
     let mut budget = Budget::of_this_process();
+    let hierarchy = if options.kill_group {
+        Hierarchy::find()
+    } else {
+        None
+    };
+    let pid_ns = crate::markers::own_pid_namespace();
+    let mut units: Vec<UnitJob> = Vec::new();
+    // For each target, the index of its unit.
+    let mut unit_of: Vec<Option<usize>> = vec![None; targets.len()];
+    let add_unit = |units: &mut Vec<UnitJob>, unit: Unit| -> usize {
+        if let Some(at) = units.iter().position(|u| u.unit == unit) {
+            return at;
+        }
+        units.push(UnitJob {
+            unit,
+            members: Vec::new(),
+            killable: true,
+            killed: false,
+        });
+        units.len() - 1
+    };
 
     for (i, target) in targets.iter().enumerate() {
         let pid = target.pid.as_raw();
@@ -501,6 +553,15 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
         let (leader, seen) = match Pinned::pin(*target, &mut budget) {
             Ok(pinned) => pinned,
             Err(outcome) => {
+                // Gone: what it left in its own leaf still goes.
+                if outcome == Outcome::AlreadyGone {
+                    if let Some(leaf) = own.filter(|_| hierarchy.is_some()).map(|o| o.leaf(target))
+                    {
+                        if leaf.dir.exists() {
+                            unit_of[i] = Some(add_unit(&mut units, leaf));
+                        }
+                    }
+                }
                 outcomes[i] = Some(outcome);
                 continue;
             }
@@ -508,6 +569,12 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
         if let Some(refusal) = caller.refusal(pid, &seen, options) {
             outcomes[i] = Some(Outcome::Refused(refusal));
             continue;
+        }
+        if let Some(h) = &hierarchy {
+            // Read after pinning: the cgroup is the pinned process's.
+            if let Some(unit) = unit_for(h, target, own, pid_ns) {
+                unit_of[i] = Some(add_unit(&mut units, unit));
+            }
         }
         let group = options.kill_group && seen.pgid == pid;
         jobs.push((
@@ -531,14 +598,20 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
             .collect();
         pin_group_members(&mut jobs, &caller, options, &mut budget, &mut taken);
         pin_descendants(&mut jobs, &caller, options, &mut budget, &mut taken);
+        pin_unit_members(&mut units, &caller, options, &mut budget, &mut taken);
     }
 
     // SIGTERM to everyone at once.
+    for unit in units.iter_mut() {
+        for member in unit.members.iter_mut() {
+            member.signal(libc::SIGTERM);
+        }
+    }
     for (_, job) in jobs.iter_mut() {
         job.signal(libc::SIGTERM, true);
     }
     let grace_deadline = Instant::now() + options.grace;
-    wait_jobs(&mut jobs, grace_deadline);
+    wait_jobs(&mut jobs, &mut units, grace_deadline);
 
     // SIGKILL to whatever is left.
     let mut any_killed = false;
@@ -549,12 +622,48 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
         any_killed = true;
         job.signal(libc::SIGKILL, false);
     }
+    // Whatever is left in a cgroup goes with `cgroup.kill`, or member by member.
+    for unit in units.iter_mut() {
+        if unit.killable {
+            if unit.unit.populated() == Some(true) && unit.unit.kill().is_ok() {
+                unit.killed = true;
+                any_killed = true;
+            }
+        } else {
+            for member in unit.members.iter_mut().filter(|m| !m.exited) {
+                unit.killed = true;
+                any_killed = true;
+                member.signal(libc::SIGKILL);
+            }
+        }
+    }
     if any_killed {
-        wait_jobs(&mut jobs, Instant::now() + options.kill_wait);
+        let deadline = Instant::now() + options.kill_wait;
+        wait_jobs(&mut jobs, &mut units, deadline);
+        for unit in units.iter().filter(|u| u.killable && u.killed) {
+            unit.unit
+                .wait_empty(deadline.saturating_duration_since(Instant::now()));
+        }
+    }
+    let mut unit_left = vec![false; units.len()];
+    for (u, unit) in units.iter().enumerate() {
+        // The kernel may take a moment to report an emptied cgroup: rmdir retries briefly.
+        if unit.unit.populated() == Some(true) || !unit.unit.remove(Duration::from_millis(200)) {
+            unit_left[u] = unit.killable || unit.members.iter().any(|m| !m.exited);
+        }
     }
 
     for (i, job) in jobs {
-        outcomes[i] = Some(job.outcome());
+        // A target's outcome covers its cgroup: what is left there keeps it from being
+        // ended, and a cgroup.kill of ours makes it force-killed.
+        let unit = unit_of[i];
+        outcomes[i] = Some(match job.outcome() {
+            Outcome::Graceful | Outcome::ForceKilled if unit.is_some_and(|u| unit_left[u]) => {
+                Outcome::StillAlive
+            }
+            Outcome::Graceful if unit.is_some_and(|u| units[u].killed) => Outcome::ForceKilled,
+            outcome => outcome,
+        });
     }
     outcomes
         .into_iter()
@@ -562,13 +671,115 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
         .collect()
 }
 
-fn wait_jobs(jobs: &mut [(usize, Job)], deadline: Instant) {
+/// Ends every process in the per-VM cgroup of a VM that is dead (TERM, the grace, then
+/// `cgroup.kill` of each leaf) and removes the emptied cgroups. Refuses (returns nothing,
+/// touches nothing) while the VM named by the cgroup is alive or cannot be judged from here.
+/// Returns each process found with its outcome.
+pub fn end_dead_vm_cgroup(
+    vm: &VmCgroup,
+    options: &TerminateOptions,
+) -> Vec<(ProcessIdentity, Outcome)> {
+    if cgroup::vm_alive(&vm.name, crate::markers::own_pid_namespace()) {
+        return Vec::new();
+    }
+    let members: Vec<ProcessIdentity> = vm
+        .as_unit()
+        .procs()
+        .into_iter()
+        .filter_map(|raw| {
+            let pid = Pid::new(i64::from(raw)).ok()?;
+            ProcessIdentity::of(pid).ok()
+        })
+        .collect();
+    let options = TerminateOptions {
+        kill_group: true,
+        ..*options
+    };
+    let outcomes = terminate_contained(&members, &options, None);
+    vm.remove_empty();
+    members.into_iter().zip(outcomes).collect()
+}
+
+fn wait_jobs(jobs: &mut [(usize, Job)], units: &mut [UnitJob], deadline: Instant) {
     let mut all: Vec<&mut Pinned> = jobs
         .iter_mut()
         .filter(|(_, job)| job.failed.is_none())
         .flat_map(|(_, job)| job.everyone())
+        .chain(units.iter_mut().flat_map(|u| u.members.iter_mut()))
         .collect();
     wait_all(&mut all, deadline);
+}
+
+/// The containment cgroup to end with a pinned target, if there is one we may use: its own
+/// leaf in the caller's per-VM cgroup, or any cgroup of a dead VM's (see
+/// [`terminate_contained`]).
+fn unit_for(
+    hierarchy: &Hierarchy,
+    target: &ProcessIdentity,
+    own: Option<&VmCgroup>,
+    pid_ns: Option<u64>,
+) -> Option<Unit> {
+    let path = Hierarchy::path_of(&target.pid.as_raw().to_string())
+        .ok()
+        .flatten()?;
+    let (vm, unit) = cgroup::unit_of_path(hierarchy, &path)?;
+    if own.is_some_and(|o| o.path == vm.path) || cgroup::vm_alive(&vm.name, pid_ns) {
+        // A live VM's (ours, or one that merely looks alive): only the target's own leaf,
+        // or the leaf of a process that is gone.
+        let leaf = unit.dir.file_name()?.to_str()?;
+        let named = cgroup::parse_leaf_name(leaf)?;
+        let own_vm = own.is_some_and(|o| o.path == vm.path);
+        if own_vm && (named == *target || !named.is_current()) {
+            return Some(unit);
+        }
+        return None;
+    }
+    Some(unit)
+}
+
+/// Pins every process of every unit that is not pinned already, vetting each like a group
+/// member; one that may not be signalled makes its unit unkillable as a whole.
+fn pin_unit_members(
+    units: &mut [UnitJob],
+    caller: &Caller,
+    options: &TerminateOptions,
+    budget: &mut Budget,
+    taken: &mut HashSet<i32>,
+) {
+    for unit in units.iter_mut() {
+        for raw in unit.unit.procs() {
+            if taken.contains(&raw) {
+                continue;
+            }
+            let Ok(stat) = Stat::read(raw) else {
+                continue;
+            };
+            let Ok(pid) = Pid::new(i64::from(raw)) else {
+                continue;
+            };
+            let identity = ProcessIdentity {
+                pid,
+                start_time: stat.start_time,
+            };
+            let Ok((member, seen)) = Pinned::pin(identity, budget) else {
+                continue;
+            };
+            // Read after the pidfd is open: it still is in the unit, so the pidfd is ours.
+            let inside = Hierarchy::path_of(&raw.to_string())
+                .ok()
+                .flatten()
+                .is_some_and(|p| unit.unit.holds_path(&p));
+            if !inside {
+                continue;
+            }
+            if caller.refusal(raw, &seen, options).is_some() {
+                unit.killable = false;
+                continue;
+            }
+            taken.insert(raw);
+            unit.members.push(member);
+        }
+    }
 }
 
 /// Waits for the host-wide termination lock until `deadline`. `None` when it cannot be
@@ -1107,5 +1318,149 @@ while True: time.sleep(1)
         assert_eq!(terminate(&[id], &opts(2000)), vec![Outcome::Graceful]);
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGTERM));
+    }
+
+    /// Starts ESCAPER in its own group, moves it into its leaf of `vm`, lets it escape;
+    /// returns the child, its identity and the escaped grandchild's identity.
+    fn spawn_escaper(vm: &VmCgroup) -> (Child, ProcessIdentity, ProcessIdentity) {
+        use crate::test_util::ESCAPER;
+        use std::io::{BufRead, Write};
+        let mut child = Command::new(PYTHON.as_str())
+            .args(["-c", ESCAPER])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let id = ProcessIdentity::of(Pid::new(i64::from(child.id())).unwrap()).unwrap();
+        assert_eq!(vm.enter(&id).unwrap(), cgroup::Entered::Moved);
+        assert_eq!(vm.enter(&id).unwrap(), cgroup::Entered::Already);
+        child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let escaped = Pid::new(line.trim().parse().unwrap()).unwrap();
+        let escaped = ProcessIdentity::of(escaped).unwrap();
+        let facts = ProcessFacts::read(escaped.pid).unwrap();
+        assert_ne!(facts.pgid, id.pid.as_raw(), "escaped its group");
+        assert_ne!(facts.sid, id.pid.as_raw());
+        (child, id, escaped)
+    }
+
+    fn gone_soon(id: &ProcessIdentity) -> bool {
+        eventually(Duration::from_secs(3), || gone(id))
+    }
+
+    #[test]
+    fn a_contained_target_takes_every_descendant_with_it_and_its_cgroup_goes() {
+        let Some(vm) = crate::test_util::TestVmCgroup::new() else {
+            return;
+        };
+        let (mut child, id, escaped) = spawn_escaper(&vm.0);
+        let leaf = vm.0.leaf(&id);
+        assert!(leaf.procs().contains(&escaped.pid.as_raw()));
+        // Without the cgroup, the escaped process survives its target.
+        let started = Instant::now();
+        let out = terminate_contained(&[id], &opts(300), Some(&vm.0));
+        child.wait().unwrap();
+        assert_eq!(out, vec![Outcome::Graceful]);
+        assert!(gone_soon(&escaped), "the setsid grandchild survived");
+        assert!(!leaf.dir.exists(), "the leaf is removed");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_gone_target_leaves_nothing_in_its_leaf() {
+        let Some(vm) = crate::test_util::TestVmCgroup::new() else {
+            return;
+        };
+        let (mut child, id, escaped) = spawn_escaper(&vm.0);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(escaped.is_current());
+        let out = terminate_contained(&[id], &opts(300), Some(&vm.0));
+        assert_eq!(out, vec![Outcome::AlreadyGone]);
+        assert!(gone_soon(&escaped));
+        assert!(!vm.0.leaf(&id).dir.exists());
+    }
+
+    #[test]
+    fn without_kill_group_or_without_the_cgroup_the_escaped_process_stays() {
+        let Some(vm) = crate::test_util::TestVmCgroup::new() else {
+            return;
+        };
+        let (mut child, id, escaped) = spawn_escaper(&vm.0);
+        let only = TerminateOptions {
+            kill_group: false,
+            ..opts(300)
+        };
+        assert_eq!(
+            terminate_contained(&[id], &only, Some(&vm.0)),
+            vec![Outcome::Graceful]
+        );
+        child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            escaped.is_current(),
+            "kill_group: false reaches the target only"
+        );
+        assert_eq!(terminate(&[escaped], &opts(300)), vec![Outcome::Graceful]);
+    }
+
+    #[test]
+    fn the_leaf_of_another_live_process_is_never_killed_for_a_member() {
+        let Some(vm) = crate::test_util::TestVmCgroup::new() else {
+            return;
+        };
+        let (mut child, id, escaped) = spawn_escaper(&vm.0);
+        // Ending the escaped member alone must not kill the leaf: its process is alive.
+        assert_eq!(
+            terminate_contained(&[escaped], &opts(300), Some(&vm.0)),
+            vec![Outcome::Graceful]
+        );
+        assert!(id.is_current());
+        assert_eq!(child.try_wait().unwrap(), None);
+        assert!(vm.0.leaf(&id).dir.exists());
+        assert_eq!(
+            terminate_contained(&[id], &opts(300), Some(&vm.0)),
+            vec![Outcome::Graceful]
+        );
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_cgroup_with_a_process_of_another_user_is_not_killed_as_a_whole() {
+        let Some(vm) = crate::test_util::TestVmCgroup::new() else {
+            return;
+        };
+        let (mut child, id, escaped) = spawn_escaper(&vm.0);
+        // A process of nobody, placed in the leaf by hand.
+        let mut other = Command::new("setpriv")
+            .args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "sleep",
+                "30",
+            ])
+            .spawn()
+            .unwrap();
+        let other_id = ProcessIdentity::of(Pid::new(i64::from(other.id())).unwrap()).unwrap();
+        assert!(eventually(Duration::from_secs(5), || {
+            ProcessFacts::read(other_id.pid).is_ok_and(|f| f.uid != 0 && f.comm == "sleep")
+        }));
+        let leaf = vm.0.leaf(&id);
+        cgroup::write_file(&leaf.dir.join("cgroup.procs"), &other_id.pid.to_string()).unwrap();
+        let out = terminate_contained(&[id], &opts(200), Some(&vm.0));
+        child.wait().unwrap();
+        assert_eq!(out, vec![Outcome::Graceful]);
+        assert!(gone_soon(&escaped), "our own members still go, one by one");
+        assert!(
+            other_id.is_current(),
+            "the other user's process was signalled"
+        );
+        assert_eq!(other.try_wait().unwrap(), None);
+        reap(&mut [other]);
     }
 }

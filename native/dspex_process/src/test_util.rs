@@ -80,3 +80,62 @@ pub fn reap(children: &mut [Child]) {
         let _ = c.wait();
     }
 }
+
+/// A per-VM cgroup for one test, named with a made-up pid namespace (so that no cleanup
+/// running meanwhile takes it for a dead VM's) and removed when dropped. `None` (and a note)
+/// where this user cannot create cgroups.
+pub struct TestVmCgroup(pub crate::cgroup::VmCgroup);
+
+impl TestVmCgroup {
+    pub fn new() -> Option<TestVmCgroup> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let me = crate::Pid::new(i64::from(std::process::id())).ok()?;
+        let name = crate::cgroup::VmName {
+            pid_ns: COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            vm: crate::ProcessIdentity::of(me).ok()?,
+        };
+        match crate::cgroup::VmCgroup::create(name) {
+            Ok(vm) => Some(TestVmCgroup(vm)),
+            Err(why) => {
+                eprintln!("cgroups unavailable here ({why}): not run");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for TestVmCgroup {
+    fn drop(&mut self) {
+        let unit = self.0.as_unit();
+        if unit.populated() == Some(true) {
+            let _ = unit.kill();
+            unit.wait_empty(Duration::from_secs(2));
+        }
+        unit.remove(Duration::from_secs(1));
+    }
+}
+
+/// Python code that forks a child, which forks a grandchild that calls `setsid()` and
+/// double-forks (its own parent exits), with an argv of its own (`sleep 300`), once a line
+/// arrives on stdin; prints the escaped pid once it has exec'd (the pipe is close-on-exec)
+/// and sleeps.
+pub const ESCAPER: &str = r#"
+import os, sys, time
+sys.stdin.readline()
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.close(r)
+        os.write(w, str(os.getpid()).encode())
+        os.execvp("sleep", ["sleep", "300"])
+    os._exit(0)
+os.close(w)
+pid = b""
+while True:
+    chunk = os.read(r, 32)
+    if not chunk: break
+    pid += chunk
+print(pid.decode(), flush=True)
+while True: time.sleep(1)
+"#;

@@ -7,8 +7,9 @@
 //! It never writes to stdout: after the VM dies that pipe has no reader.
 
 use clap::Args;
+use dspex_process::cgroup::VmCgroup;
 use dspex_process::guardian::{VmWatch, Watchlist};
-use dspex_process::terminate::{Outcome, TerminateOptions};
+use dspex_process::terminate::{end_dead_vm_cgroup, Outcome, TerminateOptions};
 use dspex_process::{Pid, ProcessIdentity};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use std::io::Write;
@@ -29,6 +30,10 @@ pub struct GuardArgs {
     /// Milliseconds to wait after SIGKILL before giving up on a survivor.
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
     kill_wait: u64,
+    /// The VM's per-VM cgroup (`.../dspex-NS-PID-START`, named with the same VM): when the
+    /// VM dies, every process left in it ends with `cgroup.kill`, then it is removed.
+    #[arg(long, value_name = "DIR")]
+    cgroup: Option<std::path::PathBuf>,
 }
 
 /// How often the list forgets processes that are gone.
@@ -61,15 +66,35 @@ pub fn guard(args: GuardArgs) -> ExitCode {
         kill_group: true,
         allow_other_users: false,
     };
+    // Only the cgroup named with this very VM is ever ended.
+    let vm_cgroup = match &args.cgroup {
+        None => None,
+        Some(dir) => match VmCgroup::at(dir) {
+            Some(c) if c.name.vm == vm => Some(c),
+            _ => {
+                say(&format!(
+                    "--cgroup {} is not the per-VM cgroup of VM {pid}",
+                    dir.display()
+                ));
+                return ExitCode::from(2);
+            }
+        },
+    };
     let mut list = Watchlist::new();
     let vm_died = follow(&watch, &mut list);
     if !vm_died {
         return ExitCode::SUCCESS;
     }
-    if list.is_empty() {
+    let mut outcomes = list.end_all(&options, vm_cgroup.as_ref());
+    if let Some(c) = &vm_cgroup {
+        // What the list did not name (registered before the notice arrived, forked into a
+        // leaf) goes with the cgroup: it holds nothing but this VM's registered processes.
+        outcomes.extend(end_dead_vm_cgroup(c, &options));
+        c.remove_empty();
+    }
+    if outcomes.is_empty() {
         return ExitCode::SUCCESS;
     }
-    let outcomes = list.end_all(&options);
     let failed: Vec<String> = outcomes
         .iter()
         .filter(|(_, o)| {
@@ -89,7 +114,7 @@ pub fn guard(args: GuardArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     say(&format!(
-        "VM {pid} died; ended {ended} of {} registered process(es){}",
+        "VM {pid} died; ended {ended} of {} registered or contained process(es){}",
         outcomes.len(),
         if failed.is_empty() {
             String::new()

@@ -4,6 +4,7 @@
 mod guard;
 
 use clap::{Args, Parser, Subcommand};
+use dspex_process::cgroup::{self, CgroupOrphan};
 use dspex_process::classify::{self, Class, Detection, ProcLookup, Viewpoint};
 use dspex_process::markers::Markers;
 use dspex_process::scan::{Pattern, DEFAULT_PATTERN};
@@ -142,6 +143,19 @@ struct ExecArgs {
     /// Scheduling niceness, -20 (first) to 19 (last).
     #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
     nice: Option<i32>,
+    /// A per-VM cgroup (`.../dspex-NS-PID-START`) made by the library: the command runs in
+    /// a leaf of its own there, entered before the exec, so nothing it forks starts outside.
+    #[arg(long, value_name = "DIR")]
+    cgroup: Option<std::path::PathBuf>,
+    /// memory.max of the leaf, in bytes (needs --cgroup and the memory controller).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..), requires = "cgroup")]
+    memory_max: Option<u64>,
+    /// pids.max of the leaf (needs --cgroup and the pids controller).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), requires = "cgroup")]
+    pids_max: Option<u64>,
+    /// cpu.weight of the leaf, 1 to 10000 (needs --cgroup and the cpu controller).
+    #[arg(long, value_name = "W", value_parser = clap::value_parser!(u64).range(1..=10_000), requires = "cgroup")]
+    cpu_weight: Option<u64>,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -271,15 +285,92 @@ fn print_json(value: &Value) {
     }
 }
 
+/// One process to act on: a pattern match classified as an orphan (or unmanaged, when
+/// asked), or a process in the cgroup of a dead VM (`cgroup_owner_dead`), whatever its argv.
+struct Target {
+    identity: ProcessIdentity,
+    pgid: i32,
+    age_ms: u64,
+    reason: &'static str,
+    owner_pid: Option<i32>,
+    cmdline: String,
+    json: Value,
+}
+
+/// The targets of a selection: the pattern's orphans, then the processes of dead VMs'
+/// cgroups that the pattern did not already classify (a process it protects stays
+/// protected, and none is counted twice).
+fn targets(sel: &Selection, detections: &[Detection], in_cgroups: &[CgroupOrphan]) -> Vec<Target> {
+    let mut out: Vec<Target> = detections
+        .iter()
+        .filter_map(|d| {
+            let reason = target_reason(d, sel.include_unmanaged)?;
+            let f = &d.candidate.facts;
+            Some(Target {
+                identity: ProcessIdentity {
+                    pid: f.pid,
+                    start_time: f.start_time,
+                },
+                pgid: f.pgid,
+                age_ms: d.age_ms,
+                reason,
+                owner_pid: d.candidate.markers.markers().map(|m| m.owner.pid.as_raw()),
+                cmdline: f.argv.join(" "),
+                json: orphan_json(d, reason),
+            })
+        })
+        .collect();
+    let classified: std::collections::HashSet<i32> = detections
+        .iter()
+        .map(|d| d.candidate.facts.pid.as_raw())
+        .collect();
+    for o in in_cgroups {
+        let f = &o.facts;
+        if classified.contains(&f.pid.as_raw()) {
+            continue;
+        }
+        out.push(Target {
+            identity: ProcessIdentity {
+                pid: f.pid,
+                start_time: f.start_time,
+            },
+            pgid: f.pgid,
+            age_ms: o.age_ms,
+            reason: CGROUP_REASON,
+            owner_pid: Some(o.owner.vm.pid.as_raw()),
+            cmdline: f.argv.join(" "),
+            json: json!({
+                "pid": f.pid.as_raw(),
+                "start_time": f.start_time,
+                "pgid": f.pgid,
+                "uid": f.uid,
+                "age_ms": o.age_ms,
+                "reason": CGROUP_REASON,
+                "cmdline": f.argv.join(" "),
+                "owner": {
+                    "pid": o.owner.vm.pid.as_raw(),
+                    "start_time": o.owner.vm.start_time,
+                    "pid_namespace": o.owner.pid_ns,
+                },
+            }),
+        });
+    }
+    out
+}
+
+/// The reason of a process found in the cgroup of a dead VM.
+const CGROUP_REASON: &str = "cgroup_owner_dead";
+
 fn status(sel: &Selection, json: bool) -> u8 {
     let pattern = match pattern(sel) {
         Ok(p) => p,
         Err(code) => return code,
     };
     let detections = detect(&pattern);
-    let orphans: Vec<_> = detections
-        .iter()
-        .filter_map(|d| target_reason(d, sel.include_unmanaged).map(|r| orphan_json(d, r)))
+    let in_cgroups = cgroup::cgroup_orphans(&cgroup::dead_vm_cgroups());
+    let orphans: Vec<Value> = targets(sel, &detections, &in_cgroups)
+        .into_iter()
+        .map(|t| t.json)
         .collect();
     let health = classify::health(orphans.len(), detections.len());
     let counts = class_counts(&detections);
@@ -317,12 +408,10 @@ fn find(sel: &Selection, json: bool) -> u8 {
         Err(code) => return code,
     };
     let detections = detect(&pattern);
-    let targets: Vec<(&Detection, &str)> = detections
-        .iter()
-        .filter_map(|d| target_reason(d, sel.include_unmanaged).map(|r| (d, r)))
-        .collect();
+    let in_cgroups = cgroup::cgroup_orphans(&cgroup::dead_vm_cgroups());
+    let targets = targets(sel, &detections, &in_cgroups);
     if json {
-        let list: Vec<Value> = targets.iter().map(|(d, r)| orphan_json(d, r)).collect();
+        let list: Vec<&Value> = targets.iter().map(|t| &t.json).collect();
         print_json(&json!({ "orphans": list }));
     } else if targets.is_empty() {
         out!(
@@ -331,28 +420,23 @@ fn find(sel: &Selection, json: bool) -> u8 {
         );
     } else {
         out!(
-            "{:>8} {:>8} {:>10} {:<12} {:>8}  CMDLINE",
+            "{:>8} {:>8} {:>10} {:<17} {:>8}  CMDLINE",
             "PID",
             "PGID",
             "AGE_MS",
             "REASON",
             "OWNER"
         );
-        for (d, reason) in &targets {
-            let f = &d.candidate.facts;
-            let owner = d
-                .candidate
-                .markers
-                .markers()
-                .map_or("-".to_string(), |m| m.owner.pid.to_string());
+        for t in &targets {
+            let owner = t.owner_pid.map_or("-".to_string(), |p| p.to_string());
             out!(
-                "{:>8} {:>8} {:>10} {:<12} {:>8}  {}",
-                f.pid,
-                f.pgid,
-                d.age_ms,
-                reason,
+                "{:>8} {:>8} {:>10} {:<17} {:>8}  {}",
+                t.identity.pid,
+                t.pgid,
+                t.age_ms,
+                t.reason,
                 owner,
-                f.argv.join(" ")
+                t.cmdline
             );
         }
     }
@@ -399,10 +483,9 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
         );
     }
     let detections = detect(&pattern);
-    let targets: Vec<(&Detection, &str)> = detections
-        .iter()
-        .filter_map(|d| target_reason(d, sel.include_unmanaged).map(|r| (d, r)))
-        .collect();
+    let dead_vms = cgroup::dead_vm_cgroups();
+    let in_cgroups = cgroup::cgroup_orphans(&dead_vms);
+    let targets = targets(sel, &detections, &in_cgroups);
     let counts = class_counts(&detections);
     // The CLI has no registry: what it protects are the workers of live VMs (foreign), never
     // "active" ones, a word the library keeps for its own registered workers.
@@ -415,13 +498,7 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
     let outcomes: Vec<(bool, String)> = if args.dry_run {
         targets.iter().map(|_| (true, "dry_run".into())).collect()
     } else {
-        let identities: Vec<ProcessIdentity> = targets
-            .iter()
-            .map(|(d, _)| ProcessIdentity {
-                pid: d.candidate.facts.pid,
-                start_time: d.candidate.facts.start_time,
-            })
-            .collect();
+        let identities: Vec<ProcessIdentity> = targets.iter().map(|t| t.identity).collect();
         raise_descriptor_limit();
         let options = TerminateOptions {
             grace: Duration::from_millis(args.grace),
@@ -429,10 +506,15 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
             kill_group: !args.no_kill_group,
             allow_other_users: args.allow_other_users,
         };
-        terminate::terminate(&identities, &options)
+        let outcomes = terminate::terminate(&identities, &options)
             .iter()
             .map(outcome_name)
-            .collect()
+            .collect();
+        // Dead VMs' cgroups that are empty now (or were already) are removed.
+        for vm in &dead_vms {
+            vm.remove_empty();
+        }
+        outcomes
     };
 
     let terminated = outcomes
@@ -446,8 +528,8 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
         let details: Vec<Value> = targets
             .iter()
             .zip(&outcomes)
-            .map(|((d, r), (ok, o))| {
-                let mut v = orphan_json(d, r);
+            .map(|(t, (ok, o))| {
+                let mut v = t.json.clone();
                 v["outcome"] = json!(o);
                 v["ok"] = json!(ok);
                 v
@@ -465,8 +547,8 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
             "details": details,
         }));
     } else {
-        for ((d, reason), (_, outcome)) in targets.iter().zip(&outcomes) {
-            out!("  pid {} ({reason}): {outcome}", d.candidate.facts.pid);
+        for (t, (_, outcome)) in targets.iter().zip(&outcomes) {
+            out!("  pid {} ({}): {outcome}", t.identity.pid, t.reason);
         }
         out!(
             "Cleanup complete{}:",
@@ -500,7 +582,7 @@ fn raise_descriptor_limit() {
 /// true).
 fn exec(args: ExecArgs) -> ExitCode {
     use std::os::unix::process::CommandExt;
-    if let Err(message) = apply_limits(&args) {
+    if let Err(message) = apply_limits(&args).and_then(|()| enter_cgroup(&args)) {
         err!("dspex-proc exec: {message}");
         return ExitCode::from(126);
     }
@@ -560,4 +642,53 @@ fn owner_gone() -> bool {
         }
         _ => false,
     }
+}
+
+/// With `--cgroup`: makes this process's leaf in the per-VM cgroup, writes the cgroup
+/// limits there and moves this process in, before the exec.
+fn enter_cgroup(args: &ExecArgs) -> Result<(), String> {
+    use dspex_process::cgroup::{self, VmCgroup};
+    let Some(dir) = &args.cgroup else {
+        return Ok(());
+    };
+    let vm = VmCgroup::at(dir).ok_or_else(|| {
+        format!(
+            "--cgroup {}: not a per-VM cgroup of dspex_process (dspex-NS-PID-START in the \
+             cgroup2 hierarchy)",
+            dir.display()
+        )
+    })?;
+    let me = Pid::new(i64::from(std::process::id()))
+        .and_then(ProcessIdentity::of)
+        .map_err(|e| e.to_string())?;
+    let leaf = vm.leaf(&me);
+    match std::fs::create_dir(&leaf.dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", leaf.dir.display())),
+    }
+    let limits = [
+        ("memory.max", "memory", args.memory_max),
+        ("pids.max", "pids", args.pids_max),
+        ("cpu.weight", "cpu", args.cpu_weight),
+    ];
+    for (file, controller, value) in limits {
+        let Some(value) = value else { continue };
+        let path = leaf.dir.join(file);
+        if !path.exists() {
+            leaf.remove(Duration::ZERO);
+            return Err(format!(
+                "the {controller} controller is not enabled for {} ({file} is missing)",
+                dir.display()
+            ));
+        }
+        if let Err(e) = cgroup::write_file(&path, &value.to_string()) {
+            leaf.remove(Duration::ZERO);
+            return Err(format!("writing {value} to {} failed: {e}", path.display()));
+        }
+    }
+    vm.enter_self().map(|_| ()).map_err(|e| {
+        leaf.remove(Duration::ZERO);
+        format!("cannot enter {}: {e}", leaf.dir.display())
+    })
 }

@@ -145,7 +145,10 @@ fn terminate_start(
         dspex_process::lower_thread_priority();
         // Invalid pids (<= 1, > i32::MAX) are answered without reaching the terminator.
         let (parsed, valid) = identities(&targets);
-        let outcomes = terminate::terminate(&valid, &options);
+        // Each target's leaf in this VM's per-VM cgroup (and any cgroup of a dead VM) goes
+        // with it.
+        let own = crate::containment::own_cgroup();
+        let outcomes = terminate::terminate_contained(&valid, &options, own.as_ref());
         let _ = OwnedEnv::new().send_and_clear(&caller, |env| {
             let mut outcomes = outcomes.into_iter();
             let encoded: Vec<Term> = parsed
@@ -177,6 +180,49 @@ fn encode_outcome(env: Env, outcome: Outcome) -> Term {
     }
 }
 
+/// The processes in the cgroups of dead VMs (reason `:cgroup_owner_dead`), whatever their
+/// argv, with the same fields as `detect/4`; the owner is the dead VM.
+#[rustler::nif(schedule = "DirtyIo")]
+fn detect_cgroup_orphans(env: Env) -> Vec<Detected> {
+    let found = dspex_process::cgroup::cgroup_orphans(&dspex_process::cgroup::dead_vm_cgroups());
+    found
+        .into_iter()
+        .map(|o| {
+            let facts = o.facts;
+            Detected {
+                pid: facts.pid.as_raw(),
+                start_time: facts.start_time,
+                ppid: facts.ppid,
+                pgid: facts.pgid,
+                uid: facts.uid,
+                state: atom(env, facts.state.name()),
+                cmdline: facts.argv.join(" "),
+                class: atom(env, "orphan"),
+                reason: Some(atom(env, "cgroup_owner_dead")),
+                owner: Some(Owner {
+                    pid: o.owner.vm.pid.as_raw(),
+                    start_time: o.owner.vm.start_time,
+                    run_id: None,
+                    worker_id: None,
+                    fingerprint: None,
+                }),
+                markers_readable: true,
+                age_ms: o.age_ms,
+            }
+        })
+        .collect()
+}
+
+/// Removes the per-VM cgroups of dead VMs that are empty (and their empty leaves).
+/// Returns how many were removed.
+#[rustler::nif(schedule = "DirtyIo")]
+fn remove_dead_vm_cgroups() -> usize {
+    dspex_process::cgroup::dead_vm_cgroups()
+        .iter()
+        .filter(|vm| vm.as_unit().populated() != Some(true) && vm.remove_empty())
+        .count()
+}
+
 /// `{os_pid, start_time, pid_namespace}` of this VM, for the ownership markers.
 #[rustler::nif]
 fn beam_identity() -> Option<(i32, u64, Option<u64>)> {
@@ -205,15 +251,20 @@ struct Capabilities {
     proc_filesystem: bool,
     pidfd: bool,
     environ_readable: bool,
+    /// Where cgroup2 is mounted (found in /proc/self/mountinfo), if anywhere.
+    cgroup2_mount: Option<String>,
 }
 
-/// What the native side can use on this machine.
+/// What the native side can use on this machine. (The containment mode in use is
+/// `containment_status/0`; the Elixir side merges both.)
 #[rustler::nif(schedule = "DirtyIo")]
 fn capabilities() -> Capabilities {
     Capabilities {
         proc_filesystem: std::path::Path::new("/proc/self/stat").exists(),
         pidfd: terminate::pidfd_supported(),
         environ_readable: std::fs::read("/proc/self/environ").is_ok(),
+        cgroup2_mount: dspex_process::cgroup::Hierarchy::find()
+            .map(|h| h.mount.display().to_string()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Rustler glue for `dspex_process`: decode terms, call the core, encode the answer.
 //! No process logic lives here.
 
+mod containment;
 mod detection;
 mod registry;
 

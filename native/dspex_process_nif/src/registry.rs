@@ -202,6 +202,12 @@ fn registry_unregister<'a>(
     atoms::ok()
 }
 
+/// Whether the guardian looks after this registry's processes (its `:guardian` option).
+#[rustler::nif]
+fn registry_guarded(resource: ResourceArc<RegistryResource>) -> bool {
+    resource.guarded
+}
+
 /// Makes `pid` the guardian of this VM's registries (see [`GUARDIAN`]); `nil` detaches.
 #[rustler::nif]
 fn guardian_attach(pid: Option<LocalPid>) -> Atom {
