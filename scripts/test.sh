@@ -21,16 +21,28 @@ echo "==> mix test (warnings are errors)"
 MIX_ENV=test mix do compile --warnings-as-errors + test --warnings-as-errors "$@"
 
 echo "==> no cgroup left behind"
-# Every per-VM cgroup of a VM started during this run (the test VM, its peers) must be gone
-# once its VM is: the guard removes the test VM's own after it exits.
+# Every per-VM cgroup (dspex-NS-PID-START) of a VM started during this run (the test VM,
+# its peers) must be gone once that VM is: the guard removes the test VM's own after it
+# exits. A VM that still runs (another suite on a shared machine) is not judged. The guard
+# may wait its turn behind other terminations on the host, hence the generous wait.
 started=$(awk '{print $22}' /proc/$$/stat)
 mount=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
+vm_alive() { # pid start
+  local stat rest
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  rest=${stat##*) }
+  set -- "$2" $rest
+  [ "${21}" = "$1" ] && [ "$2" != "Z" ]
+}
 if [ -n "$mount" ]; then
-  for _ in $(seq 50); do
+  for _ in $(seq 300); do
     left=""
     while IFS= read -r dir; do
-      start=${dir##*-}
-      if [ "$start" -ge "$started" ]; then left="$left $dir"; fi
+      name=${dir##*/dspex-}
+      start=${name##*-}
+      pid=${name%-*}
+      pid=${pid##*-}
+      if [ "$start" -ge "$started" ] && ! vm_alive "$pid" "$start"; then left="$left $dir"; fi
     done < <(find "$mount" -maxdepth 8 -type d -regex '.*/dspex-[0-9]+-[0-9]+-[0-9]+' 2>/dev/null)
     [ -z "$left" ] && break
     sleep 0.1
