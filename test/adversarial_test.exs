@@ -18,21 +18,6 @@ defmodule DSPexProcess.AdversarialTest do
     "adv" |> setup_bridge() |> Map.put(:cli, Worker.guard_executable())
   end
 
-  defp all_gone?(ids), do: Enum.all?(ids, fn {p, s} -> not alive?(p, s) end)
-  defp all_alive?(ids), do: Enum.all?(ids, fn {p, s} -> alive?(p, s) end)
-
-  # Fields of a JSON text, read with python3's json module (Elixir 1.14 has no decoder).
-  defp json(text, expression) do
-    code = "import json, sys; d = json.load(sys.stdin); print(#{expression})"
-
-    {out, 0} =
-      System.cmd("sh", ["-c", ~s(printf '%s' "$J" | "$0" -c "$1"), python(), code],
-        env: [{"J", text}]
-      )
-
-    String.trim(out)
-  end
-
   # Runs `cmd` detached from this VM (setsid in a background subshell, which the launcher
   # leaves behind): its parent is PID 1 (or the host's subreaper), as for anything started
   # by cron, nohup or a systemd unit. setsid execs in place, so `$!` is the command's pid.

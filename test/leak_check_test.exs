@@ -70,11 +70,11 @@ defmodule DSPexProcess.LeakCheckTest do
   end
 
   test "options are checked" do
-    assert_raise ArgumentError, ~r/:wait_ms must be a non-negative integer, got: -1/, fn ->
+    assert_raise ArgumentError, ~r/:wait_ms must be nil or a non-negative integer, got: -1/, fn ->
       DSPexProcess.LeakCheck.check(%{}, wait_ms: -1)
     end
 
-    assert_raise ArgumentError, ~r/:scope must be :test or :all/, fn ->
+    assert_raise ArgumentError, ~r/:scope must be one of \[:test, :all\], got: :mine/, fn ->
       DSPexProcess.LeakCheck.check(%{}, scope: :mine)
     end
 

@@ -18,29 +18,6 @@ defmodule DSPexProcess.OperatorToolsTest do
     "ops" |> setup_bridge() |> Map.put(:cli, Worker.guard_executable())
   end
 
-  defp identities(pids), do: Enum.map(pids, &{&1, start_time(&1)})
-  defp all_gone?(ids), do: Enum.all?(ids, fn {p, s} -> not alive?(p, s) end)
-  defp all_alive?(ids), do: Enum.all?(ids, fn {p, s} -> alive?(p, s) end)
-
-  # Reads fields out of JSON with python3's json module (Elixir 1.14 has no JSON decoder).
-  defp json(text, expression) do
-    code = "import json, sys; d = json.load(sys.stdin); print(#{expression})"
-
-    {out, 0} =
-      System.cmd("sh", ["-c", ~s(printf '%s' "$J" | "$0" -c "$1"), python(), code],
-        env: [{"J", text}]
-      )
-
-    String.trim(out)
-  end
-
-  defp orphans_of_a_dead_beam(script, count) do
-    peer = PeerBeam.start(script, count, ["--linger"])
-    ids = identities(peer.worker_pids)
-    PeerBeam.kill(peer)
-    ids
-  end
-
   describe "the PDEATHSIG guard" do
     test "guarded workers die with their BEAM; unguarded ones stay for the detector",
          %{script: script, pattern: pattern} do

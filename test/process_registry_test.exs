@@ -322,11 +322,31 @@ defmodule DSPexProcess.ProcessRegistryTest do
         ProcessRegistry.start_link(bogus: 1)
       end
 
-      assert_raise ArgumentError, ~r/cleanup_interval 0/, fn ->
-        ProcessRegistry.start_link(cleanup_interval: 0)
+      # One message style for every option of the library.
+      assert_raise ArgumentError,
+                   ":cleanup_interval must be a positive integer or :infinity, got: 0",
+                   fn -> ProcessRegistry.start_link(cleanup_interval: 0) end
+
+      assert_raise ArgumentError, ":name must be an atom, got: \"x\"", fn ->
+        ProcessRegistry.start_link(name: "x")
       end
 
-      assert_raise ArgumentError, ~r/:name "x"/, fn -> ProcessRegistry.start_link(name: "x") end
+      assert_raise ArgumentError,
+                   ~r/^:grace_ms must be an integer from 0 to 86400000, got: -1$/,
+                   fn ->
+                     ProcessRegistry.start_link(cleanup_on_start: [grace_ms: -1])
+                   end
+
+      assert_raise ArgumentError, ":interval must be a positive integer, got: 0", fn ->
+        DSPexProcess.OrphanMonitor.start_link(interval: 0)
+      end
+
+      assert_raise ArgumentError,
+                   ~r/^:containment must be one of \[:auto, :cgroup, :none\]/,
+                   fn ->
+                     DSPexProcess.Guardian.validate!(containment: :maybe)
+                   end
+
       assert_raise ArgumentError, ~r/keyword list/, fn -> ProcessRegistry.start_link(:oops) end
     end
   end

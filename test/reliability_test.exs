@@ -17,9 +17,6 @@ defmodule DSPexProcess.ReliabilityTest do
     setup_bridge("rel")
   end
 
-  defp all_alive?(ids), do: Enum.all?(ids, fn {p, s} -> alive?(p, s) end)
-  defp all_gone?(ids), do: Enum.all?(ids, fn {p, s} -> not alive?(p, s) end)
-
   defp start_worker(script, args \\ []) do
     id = {:rel, System.unique_integer([:positive])}
 

@@ -70,14 +70,15 @@ defmodule DSPexProcess.Guardian do
   alias DSPex.Python.ProcessRegistry
   alias DSPexProcess.{Native, Termination}
 
-  @defaults [
-    end_released: true,
-    release_delay_ms: 500,
-    grace_ms: 1_000,
-    kill_wait_ms: 1_000,
-    end_on_stop: true,
-    os_guardian: true,
-    containment: :auto
+  @ms {:integer, 0, 600_000}
+  @schema [
+    end_released: {true, :boolean},
+    release_delay_ms: {500, @ms},
+    grace_ms: {1_000, @ms},
+    kill_wait_ms: {1_000, @ms},
+    end_on_stop: {true, :boolean},
+    os_guardian: {true, :boolean},
+    containment: {:auto, {:in, [:auto, :cgroup, :none]}}
   ]
 
   @typedoc "An OS process: its pid and its start time (clock ticks since boot)."
@@ -162,36 +163,8 @@ defmodule DSPexProcess.Guardian do
   Validates guardian options; raises `ArgumentError` naming the option and the value.
   """
   @spec validate!(keyword()) :: keyword()
-  def validate!(opts) do
-    unless is_list(opts) and Keyword.keyword?(opts) do
-      raise ArgumentError, "guardian options must be a keyword list, got: #{inspect(opts)}"
-    end
-
-    opts = Keyword.validate!(opts, @defaults)
-
-    for {key, value} <- opts do
-      ok? =
-        case key do
-          :containment -> value in [:auto, :cgroup, :none]
-          k when k in [:end_released, :end_on_stop, :os_guardian] -> is_boolean(value)
-          _ -> is_integer(value) and value >= 0 and value <= 600_000
-        end
-
-      unless ok? do
-        expected =
-          cond do
-            key == :containment -> "one of :auto, :cgroup, :none"
-            key in [:end_released, :end_on_stop, :os_guardian] -> "a boolean"
-            true -> "an integer from 0 to 600_000 (ms)"
-          end
-
-        raise ArgumentError,
-              "guardian option #{inspect(key)} must be #{expected}, got: #{inspect(value)}"
-      end
-    end
-
-    opts
-  end
+  def validate!(opts),
+    do: DSPexProcess.Options.validate!(opts, @schema, "guardian options")
 
   # GenServer
 

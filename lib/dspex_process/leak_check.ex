@@ -71,30 +71,22 @@ defmodule DSPexProcess.LeakCheck do
   def check(_context, opts), do: validate!(opts)
 
   defp validate!(opts) do
-    unless Keyword.keyword?(opts) do
-      raise ArgumentError, "LeakCheck options must be a keyword list, got: #{inspect(opts)}"
-    end
+    opts =
+      DSPexProcess.Options.validate!(
+        opts,
+        [
+          wait_ms: {nil, {:or, [{:value, nil}, :non_neg_integer]}},
+          scope: {:test, {:in, [:test, :all]}}
+        ],
+        "LeakCheck options"
+      )
 
-    opts = Keyword.validate!(opts, wait_ms: nil, scope: :test)
+    Keyword.update!(opts, :wait_ms, &(&1 || default_wait()))
+  end
 
-    wait =
-      case opts[:wait_ms] do
-        nil ->
-          g = Guardian.status().options
-          g[:release_delay_ms] + g[:grace_ms] + g[:kill_wait_ms] + 500
-
-        ms when is_integer(ms) and ms >= 0 ->
-          ms
-
-        other ->
-          raise ArgumentError, ":wait_ms must be a non-negative integer, got: #{inspect(other)}"
-      end
-
-    unless opts[:scope] in [:test, :all] do
-      raise ArgumentError, ":scope must be :test or :all, got: #{inspect(opts[:scope])}"
-    end
-
-    Keyword.put(opts, :wait_ms, wait)
+  defp default_wait do
+    g = Guardian.status().options
+    g[:release_delay_ms] + g[:grace_ms] + g[:kill_wait_ms] + 500
   end
 
   defp in_scope?(_registration, _test, :all), do: true

@@ -86,11 +86,12 @@ defmodule DSPexProcess.Native do
   def cgroup_enter(_pid, _start_time), do: not_loaded()
   def cgroup_dissolve(_pid, _start_time), do: not_loaded()
   def cgroup_oom_kills(_pid, _start_time), do: not_loaded()
-  def detect_cgroup_orphans, do: not_loaded()
+  def detect_cgroup_orphans(_selection), do: not_loaded()
   def remove_dead_vm_cgroups, do: not_loaded()
 
   # Detection (dirty I/O scheduler) and termination (its own OS thread)
-  def detect(_registries, _port_pids, _patterns, _min_age_ms), do: not_loaded()
+  def detect(_registries, _port_pids, _patterns, _min_age_ms, _selection), do: not_loaded()
+  def policy_summary(_classes, _orphans, _outcomes), do: not_loaded()
 
   def terminate_start(_targets, _grace_ms, _kill_wait_ms, _kill_group, _allow_other, _tag),
     do: not_loaded()

@@ -43,20 +43,18 @@ defmodule DSPexProcess.OrphanMonitor do
   @spec start_link(keyword()) :: GenServer.on_start()
   def start_link(opts \\ []) do
     opts =
-      Keyword.validate!(opts,
-        interval: 60_000,
-        auto_cleanup: false,
-        detector: [],
-        name: __MODULE__
+      DSPexProcess.Options.validate!(
+        opts,
+        [
+          interval: {60_000, :pos_integer},
+          auto_cleanup: {false, :boolean},
+          detector: {[], {:fun, "a keyword list", &Keyword.keyword?/1}},
+          name: {__MODULE__, :atom}
+        ],
+        "OrphanMonitor options"
       )
 
-    unless is_integer(opts[:interval]) and opts[:interval] > 0,
-      do: raise(ArgumentError, "invalid :interval #{inspect(opts[:interval])}")
-
-    unless is_boolean(opts[:auto_cleanup]),
-      do: raise(ArgumentError, "invalid :auto_cleanup #{inspect(opts[:auto_cleanup])}")
-
-    OrphanDetector.validate!(opts[:detector])
+    DSPexProcess.Options.detector!(opts[:detector])
     GenServer.start_link(__MODULE__, opts, name: opts[:name])
   end
 

@@ -425,23 +425,35 @@ defmodule DSPexProcess.Worker do
     python = opts[:python] || System.find_executable("python3")
     script = opts[:script] || default_script()
 
-    check!(is_binary(python) and File.regular?(python), :python, opts[:python] || "python3")
+    check!(
+      is_binary(python) and File.regular?(python),
+      :python,
+      opts[:python] || "python3",
+      "an existing file (default: python3 on PATH)"
+    )
+
     check_executable!(python)
-    check!(is_binary(script) and File.regular?(script), :script, script)
-    check!(is_list(opts[:args]) and Enum.all?(opts[:args], &is_binary/1), :args, opts[:args])
+    check!(is_binary(script) and File.regular?(script), :script, script, "an existing file")
+
+    check!(
+      is_list(opts[:args]) and Enum.all?(opts[:args], &is_binary/1),
+      :args,
+      opts[:args],
+      "a list of strings"
+    )
 
     check!(
       is_list(opts[:env]) and
         Enum.all?(opts[:env], &match?({k, v} when is_binary(k) and is_binary(v), &1)),
       :env,
-      opts[:env]
+      opts[:env],
+      "a list of {name, value} strings"
     )
 
     check_exec_strings!(opts[:worker_id], [python, script | opts[:args]], opts[:env])
 
-    check!(is_atom(opts[:registry]), :registry, opts[:registry])
-    grace = opts[:shutdown_grace_ms]
-    check!(is_integer(grace) and grace >= 0, :shutdown_grace_ms, grace)
+    DSPexProcess.Options.check!(:registry, opts[:registry], :atom)
+    DSPexProcess.Options.check!(:shutdown_grace_ms, opts[:shutdown_grace_ms], :non_neg_integer)
 
     opts
     |> Keyword.put(:python, python)
@@ -459,11 +471,14 @@ defmodule DSPexProcess.Worker do
     cpu_weight: "--cpu-weight"
   ]
 
+  @limits_description "a keyword list of address_space, open_files, memory_max, pids_max " <>
+                        "(positive integers), nice (-20..19) and cpu_weight (1..10_000)"
+
   # {limit key, cgroup controller}
   @cgroup_limits [memory_max: "memory", pids_max: "pids", cpu_weight: "cpu"]
 
   defp limits!(limits) do
-    unless Keyword.keyword?(limits), do: invalid!(:limits, limits)
+    unless Keyword.keyword?(limits), do: invalid!(:limits, limits, @limits_description)
 
     for {key, value} <- limits do
       ok? =
@@ -481,7 +496,7 @@ defmodule DSPexProcess.Worker do
             false
         end
 
-      check!(ok?, :limits, [{key, value}])
+      check!(ok?, :limits, [{key, value}], @limits_description)
     end
 
     limits
@@ -563,8 +578,7 @@ defmodule DSPexProcess.Worker do
 
   defp guard_signal!(other) do
     raise ArgumentError,
-          "invalid value for :guard: #{inspect(other)}, expected a boolean or one of " <>
-            inspect(@guard_signals)
+          ":guard must be a boolean or one of #{inspect(@guard_signals)}, got: #{inspect(other)}"
   end
 
   # A program that exists but cannot be run gives a clear error here, not an :eacces from
@@ -576,7 +590,8 @@ defmodule DSPexProcess.Worker do
 
       _ ->
         raise ArgumentError,
-              "invalid value for :python: #{inspect(path)} is not executable (permission denied)"
+              ":python must be an executable file, got: #{inspect(path)} " <>
+                "(not executable: permission denied)"
     end
   end
 
@@ -594,14 +609,14 @@ defmodule DSPexProcess.Worker do
     cond do
       String.contains?(id, <<0>>) ->
         raise ArgumentError,
-              "invalid :worker_id: #{inspect(worker_id, limit: 5, printable_limit: 64)} " <>
-                "contains a NUL byte, which cannot be passed in an environment variable"
+              ":worker_id must be free of NUL bytes (it is passed in an environment " <>
+                "variable), got: #{inspect(worker_id, limit: 5, printable_limit: 64)}"
 
       byte_size(id) > @max_id_bytes ->
         raise ArgumentError,
-              "invalid :worker_id: #{byte_size(id)} bytes as a string, more than " <>
-                "#{@max_id_bytes}: it is stamped in the worker's environment, where the " <>
-                "kernel refuses strings this long (E2BIG)"
+              ":worker_id must be at most #{@max_id_bytes} bytes as a string (it is " <>
+                "stamped in the worker's environment, where the kernel refuses longer " <>
+                "strings: E2BIG), got: #{byte_size(id)} bytes"
 
       true ->
         :ok
@@ -611,7 +626,7 @@ defmodule DSPexProcess.Worker do
     for {k, v} <- env, do: check_exec_string!(:env, k <> "=" <> v)
 
     for {k, _} <- env, k == "" or String.contains?(k, "=") do
-      raise ArgumentError, "invalid :env name #{inspect(k)}: empty or contains \"=\""
+      raise ArgumentError, ":env names must be non-empty and without \"=\", got: #{inspect(k)}"
     end
 
     :ok
@@ -621,24 +636,25 @@ defmodule DSPexProcess.Worker do
     cond do
       String.contains?(string, <<0>>) ->
         raise ArgumentError,
-              "invalid value for #{inspect(key)}: #{inspect(string, printable_limit: 64)} " <>
-                "contains a NUL byte, which cannot be passed to a program"
+              "#{inspect(key)} must be free of NUL bytes (a program cannot take them), " <>
+                "got: #{inspect(string, printable_limit: 64)}"
 
       byte_size(string) >= @max_arg_bytes ->
         raise ArgumentError,
-              "invalid value for #{inspect(key)}: a string of #{byte_size(string)} bytes, " <>
-                "the kernel takes at most #{@max_arg_bytes - 1} (E2BIG)"
+              "#{inspect(key)} must be strings of at most #{@max_arg_bytes - 1} bytes (the " <>
+                "kernel refuses longer ones: E2BIG), got: a string of #{byte_size(string)} bytes"
 
       true ->
         :ok
     end
   end
 
-  defp check!(true, _key, _value), do: :ok
-  defp check!(false, key, value), do: invalid!(key, value)
+  # The message style of DSPexProcess.Options, for checks that need more than a schema.
+  defp check!(true, _key, _value, _expected), do: :ok
+  defp check!(false, key, value, expected), do: invalid!(key, value, expected)
 
-  @spec invalid!(atom(), term()) :: no_return()
-  defp invalid!(key, value) do
-    raise ArgumentError, "invalid value for #{inspect(key)}: #{inspect(value)}"
+  @spec invalid!(atom(), term(), String.t()) :: no_return()
+  defp invalid!(key, value, expected) do
+    raise ArgumentError, "#{inspect(key)} must be #{expected}, got: #{inspect(value, limit: 10)}"
   end
 end

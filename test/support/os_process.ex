@@ -251,4 +251,36 @@ defmodule DSPexProcess.Test.OSProcess do
 
   @doc "A unique registry name for one test."
   def unique_name(tag), do: :"#{tag}_#{System.unique_integer([:positive])}"
+
+  @doc "`{os_pid, start_time}` of each pid, read now."
+  def identities(pids), do: Enum.map(pids, &{&1, start_time(&1)})
+
+  @doc "Whether every `{os_pid, start_time}` is gone."
+  def all_gone?(ids), do: Enum.all?(ids, fn {p, s} -> not alive?(p, s) end)
+
+  @doc "Whether every `{os_pid, start_time}` still runs."
+  def all_alive?(ids), do: Enum.all?(ids, fn {p, s} -> alive?(p, s) end)
+
+  @doc """
+  A field of a JSON text, read with python3's json module (Elixir 1.14 has no decoder):
+  `expression` is Python over `d`, the decoded document.
+  """
+  def json(text, expression) do
+    code = "import json, sys; d = json.load(sys.stdin); print(#{expression})"
+
+    {out, 0} =
+      System.cmd("sh", ["-c", ~s(printf '%s' "$J" | "$0" -c "$1"), python(), code],
+        env: [{"J", text}]
+      )
+
+    String.trim(out)
+  end
+
+  @doc "The `{os_pid, start_time}` of the lingering workers of a peer VM killed with -9."
+  def orphans_of_a_dead_beam(script, count) do
+    peer = DSPexProcess.Test.PeerBeam.start(script, count, ["--linger"])
+    ids = identities(peer.worker_pids)
+    DSPexProcess.Test.PeerBeam.kill(peer)
+    ids
+  end
 end

@@ -77,25 +77,9 @@ defmodule DSPex.Python.OrphanDetector do
   require Logger
 
   alias DSPex.Python.ProcessRegistry
-  alias DSPexProcess.{Native, Telemetry, Termination}
+  alias DSPexProcess.{Native, Options, Telemetry, Termination}
 
-  @default_pattern "dspy_bridge.py"
-  @reasons [:owner_dead, :worker_gone, :reparented, :cgroup_owner_dead, :unmanaged]
   @protected_classes [:active, :starting, :foreign, :unmanaged, :zombie]
-  @defaults [
-    pattern: @default_pattern,
-    registry: ProcessRegistry,
-    min_age_ms: 5_000,
-    grace_ms: 1_000,
-    kill_wait_ms: 1_000,
-    kill_group: true,
-    include_unmanaged: false,
-    allow_other_users: false,
-    reasons: @reasons,
-    dry_run: false,
-    metrics: false,
-    cgroups: true
-  ]
 
   @type reason :: :owner_dead | :worker_gone | :reparented | :cgroup_owner_dead | :unmanaged
   @type owner :: %{
@@ -136,7 +120,7 @@ defmodule DSPex.Python.OrphanDetector do
   @spec find_orphaned_processes(keyword()) :: [orphan()]
   def find_orphaned_processes(opts \\ []) do
     opts = validate!(opts)
-    opts |> detect() |> orphans(opts)
+    opts |> detect() |> orphans()
   end
 
   @doc """
@@ -179,7 +163,7 @@ defmodule DSPex.Python.OrphanDetector do
   def cleanup_orphaned_processes(orphans, opts) when is_list(orphans) do
     opts = validate!(opts)
     detections = detect(opts)
-    current = Map.new(orphans(detections, opts), &{&1.pid, &1})
+    current = Map.new(orphans(detections), &{&1.pid, &1})
     by_pid = Map.new(detections, &{&1.pid, &1})
 
     {targets, refused} =
@@ -207,17 +191,17 @@ defmodule DSPex.Python.OrphanDetector do
   def get_system_status(opts \\ []) do
     opts = validate!(opts)
     detections = detect(opts)
-    orphans = orphans(detections, opts)
-    total = length(detections)
+    orphans = orphans(detections)
+    summary = summary(detections, length(orphans), [])
 
     %{
       registry: registry_stats(opts[:registry]),
       orphaned_processes: length(orphans),
-      total_dspy_processes: total,
-      system_health: health(length(orphans), total),
+      total_dspy_processes: summary.total,
+      system_health: summary.health,
       orphan_details: orphans
     }
-    |> Map.merge(class_counts(detections))
+    |> Map.merge(summary.counts)
     |> then(
       &if(opts[:metrics], do: Map.put(&1, :metrics, worker_metrics(opts[:registry])), else: &1)
     )
@@ -266,8 +250,8 @@ defmodule DSPex.Python.OrphanDetector do
   def validate_detection_system(opts \\ []) do
     opts = validate!(opts)
     detections = detect(opts)
-    orphans = orphans(detections, opts)
-    again = opts |> detect() |> orphans(opts) |> Map.new(&{{&1.pid, &1.start_time}, true})
+    orphans = orphans(detections)
+    again = opts |> detect() |> orphans() |> Map.new(&{{&1.pid, &1.start_time}, true})
     native = Map.put(Native.capabilities(), :containment, Native.containment_status())
 
     %{
@@ -305,7 +289,7 @@ defmodule DSPex.Python.OrphanDetector do
 
   defp cluster(fun, opts) do
     unless is_list(opts) and Keyword.keyword?(opts) do
-      raise ArgumentError, "options must be a keyword list, got: #{inspect(opts)}"
+      raise ArgumentError, "cluster options must be a keyword list, got: #{inspect(opts)}"
     end
 
     {nodes, opts} = Keyword.pop(opts, :nodes, [node() | Node.list()])
@@ -315,8 +299,8 @@ defmodule DSPex.Python.OrphanDetector do
     # A cleanup may legitimately take grace + kill_wait on every node.
     timeout = timeout || max(15_000, local[:grace_ms] + local[:kill_wait_ms] + 10_000)
 
-    unless is_list(nodes) and Enum.all?(nodes, &is_atom/1), do: bad_option!(:nodes, nodes)
-    unless is_integer(timeout) and timeout > 0, do: bad_option!(:timeout, timeout)
+    Options.check!(:nodes, nodes, {:list_of, :atom, 0..100_000})
+    Options.check!(:timeout, timeout, :pos_integer)
     args = if opts == [], do: [], else: [opts]
 
     nodes
@@ -342,7 +326,7 @@ defmodule DSPex.Python.OrphanDetector do
 
   defp cleanup_now(opts) do
     detections = detect(opts)
-    execute(orphans(detections, opts), [], detections, opts)
+    execute(orphans(detections), [], detections, opts)
   end
 
   defp execute(targets, refused, detections, opts) do
@@ -372,16 +356,15 @@ defmodule DSPex.Python.OrphanDetector do
 
     details = Enum.zip(targets, outcomes) ++ refused
     Enum.each(details, &report_outcome/1)
-    counts = class_counts(detections)
+    summary = summary(detections, length(targets), Enum.map(details, &elem(&1, 1)))
 
     report = %{
-      found: length(targets) + length(refused),
-      terminated:
-        Enum.count(details, &match?({_, {:ok, k}} when k in [:graceful, :force_killed], &1)),
-      errors: Enum.count(details, &match?({_, {:error, _}}, &1)),
-      already_gone: Enum.count(details, &match?({_, {:ok, :already_gone}}, &1)),
-      preserved_active: counts.active,
-      protected: Map.take(counts, @protected_classes),
+      found: summary.found,
+      terminated: summary.terminated,
+      errors: summary.errors,
+      already_gone: summary.already_gone,
+      preserved_active: summary.preserved_active,
+      protected: Map.take(summary.counts, @protected_classes),
       details: details,
       dry_run: opts[:dry_run]
     }
@@ -466,7 +449,7 @@ defmodule DSPex.Python.OrphanDetector do
 
     started = System.monotonic_time()
 
-    case Native.detect(registries, open_port_pids(), opts[:pattern], min_age) do
+    case Native.detect(registries, open_port_pids(), opts[:pattern], min_age, selection(opts)) do
       {:ok, detections} ->
         detections = detections ++ cgroup_orphans(detections, opts)
 
@@ -491,43 +474,35 @@ defmodule DSPex.Python.OrphanDetector do
   defp cgroup_orphans(detections, opts) do
     if opts[:cgroups] do
       seen = MapSet.new(detections, & &1.pid)
-      Enum.reject(Native.detect_cgroup_orphans(), &MapSet.member?(seen, &1.pid))
+      Enum.reject(Native.detect_cgroup_orphans(selection(opts)), &MapSet.member?(seen, &1.pid))
     else
       []
     end
   end
 
-  defp orphans(detections, opts) do
+  # The processes the core's policy made targets under the caller's selection.
+  defp selection(opts) do
+    %{
+      include_unmanaged: opts[:include_unmanaged],
+      reasons: Enum.map(opts[:reasons], &to_string/1)
+    }
+  end
+
+  defp orphans(detections) do
     now = System.os_time(:second)
 
-    detections
-    |> Enum.flat_map(fn
-      %{class: :orphan} = d ->
-        [d]
-
-      %{class: :unmanaged} = d ->
-        if opts[:include_unmanaged], do: [%{d | reason: :unmanaged}], else: []
-
-      _ ->
-        []
-    end)
-    |> Enum.filter(&(&1.reason in opts[:reasons]))
-    |> Enum.map(fn d ->
+    for %{target: reason} = d when reason != nil <- detections do
       d
-      |> Map.take([:pid, :cmdline, :start_time, :reason, :pgid, :uid, :age_ms, :owner])
-      |> Map.put(:detected_at, now)
-    end)
+      |> Map.take([:pid, :cmdline, :start_time, :pgid, :uid, :age_ms, :owner])
+      |> Map.merge(%{reason: reason, detected_at: now})
+    end
   end
 
-  defp class_counts(detections) do
-    zero = Map.new([:orphan | @protected_classes], &{&1, 0})
-    Enum.reduce(detections, zero, fn %{class: c}, acc -> Map.update!(acc, c, &(&1 + 1)) end)
+  # The core's policy counts the classes, judges the health and counts the report, as the
+  # CLI does.
+  defp summary(detections, orphans, outcomes) do
+    Native.policy_summary(Enum.map(detections, & &1.class), orphans, outcomes)
   end
-
-  defp health(0, _total), do: :healthy
-  defp health(orphans, total) when orphans * 10 < total, do: :good
-  defp health(orphans, total) when orphans * 10 < total * 3, do: :degraded
-  defp health(_orphans, _total), do: :critical
 
   # The OS processes behind this VM's open ports are in use, registered or not.
   defp open_port_pids do
@@ -543,55 +518,5 @@ defmodule DSPex.Python.OrphanDetector do
     ProcessRegistry.NotRunningError -> nil
   end
 
-  @doc false
-  # Validates options; public for the other modules of the library.
-  @spec validate!(keyword()) :: keyword()
-  def validate!(opts) do
-    unless is_list(opts) and Keyword.keyword?(opts) do
-      raise ArgumentError, "options must be a keyword list, got: #{inspect(opts)}"
-    end
-
-    opts = Keyword.validate!(opts, @defaults)
-    Enum.each(opts, &check_option!/1)
-    Keyword.update!(opts, :pattern, &List.wrap/1)
-  end
-
-  defp check_option!({:pattern, p}) when is_binary(p), do: check_pattern!(p)
-
-  defp check_option!({:pattern, [_ | _] = list}) when length(list) <= 64,
-    do: Enum.each(list, &check_pattern!/1)
-
-  defp check_option!({key, v})
-       when key in [:min_age_ms, :grace_ms, :kill_wait_ms] and is_integer(v) and v >= 0 and
-              v <= 86_400_000,
-       do: :ok
-
-  defp check_option!({key, v})
-       when key in [
-              :kill_group,
-              :include_unmanaged,
-              :allow_other_users,
-              :dry_run,
-              :metrics,
-              :cgroups
-            ] and
-              is_boolean(v),
-       do: :ok
-
-  defp check_option!({:registry, name}) when is_atom(name), do: :ok
-
-  defp check_option!({:reasons, [_ | _] = reasons}) do
-    unless Enum.all?(reasons, &(&1 in @reasons)), do: bad_option!(:reasons, reasons)
-  end
-
-  defp check_option!({key, value}), do: bad_option!(key, value)
-
-  defp check_pattern!(p) do
-    ok? = is_binary(p) and byte_size(p) in 1..4096 and not String.contains?(p, <<0>>)
-    unless ok?, do: bad_option!(:pattern, p)
-  end
-
-  defp bad_option!(key, value) do
-    raise ArgumentError, "invalid value for #{inspect(key)}: #{inspect(value, limit: 10)}"
-  end
+  defp validate!(opts), do: Options.detector!(opts)
 end

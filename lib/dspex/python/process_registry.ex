@@ -135,9 +135,7 @@ defmodule DSPex.Python.ProcessRegistry do
     key = storage_key(name)
     guarded = Keyword.get(opts, :guardian, true)
 
-    unless is_boolean(guarded) do
-      raise ArgumentError, ":guardian must be a boolean, got: #{inspect(guarded)}"
-    end
+    DSPexProcess.Options.check!(:guardian, guarded, :boolean)
 
     if :persistent_term.get(key, nil) == nil do
       # Two creators at once must not each put a table: one would lose its entries.
@@ -195,11 +193,12 @@ defmodule DSPex.Python.ProcessRegistry do
   end
 
   def get_worker_info(worker_id, opts) when is_list(opts) do
-    opts = Keyword.validate!(opts, registry: @default_name, metrics: false)
-
-    unless is_boolean(opts[:metrics]) do
-      raise ArgumentError, "invalid :metrics #{inspect(opts[:metrics])}, expected a boolean"
-    end
+    opts =
+      DSPexProcess.Options.validate!(
+        opts,
+        [registry: {@default_name, :atom}, metrics: {false, :boolean}],
+        "get_worker_info options"
+      )
 
     with {:ok, info} <- get_worker_info(worker_id, opts[:registry]) do
       if opts[:metrics], do: {:ok, Map.put(info, :metrics, metrics_of(info))}, else: {:ok, info}
@@ -348,38 +347,18 @@ defmodule DSPex.Python.ProcessRegistry do
   defp storage_key(name), do: {__MODULE__, name}
 
   defp validate_options!(opts) do
-    unless Keyword.keyword?(opts) do
-      raise ArgumentError, "ProcessRegistry options must be a keyword list, got: #{inspect(opts)}"
-    end
-
     opts =
-      Keyword.validate!(opts,
-        name: @default_name,
-        cleanup_interval: @default_interval,
-        cleanup_on_start: false,
-        guardian: true
+      DSPexProcess.Options.validate!(
+        opts,
+        [
+          name: {@default_name, :atom},
+          cleanup_interval: {@default_interval, {:or, [:pos_integer, {:value, :infinity}]}},
+          cleanup_on_start:
+            {false, {:or, [:boolean, {:fun, "a keyword list", &Keyword.keyword?/1}]}},
+          guardian: {true, :boolean}
+        ],
+        "ProcessRegistry options"
       )
-
-    unless is_boolean(opts[:guardian]) do
-      raise ArgumentError, "invalid :guardian #{inspect(opts[:guardian])}, expected a boolean"
-    end
-
-    case opts[:name] do
-      name when is_atom(name) and name not in [nil, true, false] -> :ok
-      other -> raise ArgumentError, "invalid :name #{inspect(other)}, expected an atom"
-    end
-
-    case opts[:cleanup_interval] do
-      :infinity ->
-        :ok
-
-      ms when is_integer(ms) and ms > 0 ->
-        :ok
-
-      other ->
-        raise ArgumentError,
-              "invalid :cleanup_interval #{inspect(other)}, expected a positive integer (ms) or :infinity"
-    end
 
     Keyword.update!(opts, :cleanup_on_start, &cleanup_on_start_options!(&1, opts[:name]))
   end
@@ -387,15 +366,10 @@ defmodule DSPex.Python.ProcessRegistry do
   defp cleanup_on_start_options!(false, _name), do: false
   defp cleanup_on_start_options!(true, name), do: cleanup_on_start_options!([], name)
 
-  defp cleanup_on_start_options!(detector_opts, name) when is_list(detector_opts) do
+  defp cleanup_on_start_options!(detector_opts, name) do
     [registry: name, reasons: [:owner_dead]]
     |> Keyword.merge(detector_opts)
-    |> DSPex.Python.OrphanDetector.validate!()
-  end
-
-  defp cleanup_on_start_options!(other, _name) do
-    raise ArgumentError,
-          "invalid :cleanup_on_start #{inspect(other)}, expected a boolean or a keyword list"
+    |> DSPexProcess.Options.detector!()
   end
 
   defp check_elixir_pid!(pid) when is_pid(pid) and node(pid) == node(), do: :ok

@@ -87,7 +87,7 @@ defmodule Mix.Tasks.Dspex.Orphans do
       dry_run: parsed[:dry_run]
     ]
     |> Enum.reject(fn {_, v} -> is_nil(v) end)
-    |> OrphanDetector.validate!()
+    |> DSPexProcess.Options.detector!()
     |> Keyword.take([
       :pattern,
       :grace_ms,

@@ -360,16 +360,6 @@ pub fn owner_state(owner: &ProcessIdentity, lookup: &mut impl ProcessLookup) -> 
     }
 }
 
-/// Health by the share of orphans among matching processes: 0, under 10 %, under 30 %, more.
-pub fn health(orphans: usize, total: usize) -> &'static str {
-    match orphans {
-        0 => "healthy",
-        n if n * 10 < total => "good",
-        n if n * 10 < total * 3 => "degraded",
-        _ => "critical",
-    }
-}
-
 fn read_proc_info(pid: i32) -> Seen {
     match crate::Stat::read(pid) {
         Ok(stat) => Seen::Found(ProcInfo {
@@ -485,17 +475,6 @@ mod tests {
 
     fn class_of(c: &Candidate, ctx: &Context) -> Class {
         classify(c, ctx, &mut table())
-    }
-
-    #[test]
-    fn health_follows_the_orphan_ratio() {
-        assert_eq!(health(0, 0), "healthy");
-        assert_eq!(health(0, 10), "healthy");
-        assert_eq!(health(1, 11), "good");
-        assert_eq!(health(1, 10), "degraded");
-        assert_eq!(health(3, 11), "degraded");
-        assert_eq!(health(3, 10), "critical");
-        assert_eq!(health(1, 1), "critical");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod guardian;
 mod identity;
 pub mod markers;
 pub mod metrics;
+pub mod policy;
 mod proc_facts;
 #[cfg(test)]
 mod proptests;

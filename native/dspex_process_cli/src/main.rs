@@ -5,13 +5,13 @@ mod guard;
 
 use clap::{Args, Parser, Subcommand};
 use dspex_process::cgroup::{self, CgroupOrphan};
-use dspex_process::classify::{self, Class, Detection, ProcLookup, Viewpoint};
+use dspex_process::classify::{self, Detection, ProcLookup, Viewpoint};
 use dspex_process::markers::Markers;
+use dspex_process::policy::{self, ClassCounts, Health, Report, Tally};
 use dspex_process::scan::{Pattern, DEFAULT_PATTERN};
 use dspex_process::terminate::{self, Outcome, TerminateOptions};
 use dspex_process::{Pid, ProcessIdentity};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -229,14 +229,6 @@ fn detect(pattern: &Pattern) -> Vec<Detection> {
 }
 
 /// The reason to act on a detection, if it is a target.
-fn target_reason(d: &Detection, include_unmanaged: bool) -> Option<&'static str> {
-    match d.class {
-        Class::Orphan(reason) => Some(reason.name()),
-        Class::Unmanaged if include_unmanaged => Some("unmanaged"),
-        _ => None,
-    }
-}
-
 fn orphan_json(d: &Detection, reason: &str) -> Value {
     let f = &d.candidate.facts;
     let owner = d.candidate.markers.markers().map(|m| {
@@ -260,22 +252,24 @@ fn orphan_json(d: &Detection, reason: &str) -> Value {
     })
 }
 
-fn class_counts(detections: &[Detection]) -> BTreeMap<&'static str, usize> {
-    let mut counts: BTreeMap<&'static str, usize> = [
-        "active",
-        "starting",
-        "foreign",
-        "unmanaged",
-        "zombie",
-        "orphan",
-    ]
-    .into_iter()
-    .map(|c| (c, 0))
-    .collect();
-    for d in detections {
-        *counts.entry(d.class.name()).or_default() += 1;
-    }
+/// The policy's view of the classes: the pattern's matches, plus the processes of dead VMs'
+/// cgroups that the pattern did not classify (orphans too).
+fn class_counts(detections: &[Detection], targets: &[Target]) -> ClassCounts {
+    let mut counts = ClassCounts::of(detections.iter().map(|d| d.class));
+    counts.orphan += targets
+        .iter()
+        .filter(|t| t.reason == policy::CGROUP_OWNER_DEAD)
+        .count();
     counts
+}
+
+fn classes_json(counts: &ClassCounts) -> Value {
+    counts
+        .entries()
+        .iter()
+        .map(|(name, n)| (name.to_string(), json!(n)))
+        .collect::<serde_json::Map<String, Value>>()
+        .into()
 }
 
 fn print_json(value: &Value) {
@@ -301,10 +295,14 @@ struct Target {
 /// cgroups that the pattern did not already classify (a process it protects stays
 /// protected, and none is counted twice).
 fn targets(sel: &Selection, detections: &[Detection], in_cgroups: &[CgroupOrphan]) -> Vec<Target> {
+    let policy = policy::Selection {
+        include_unmanaged: sel.include_unmanaged,
+        reasons: None,
+    };
     let mut out: Vec<Target> = detections
         .iter()
         .filter_map(|d| {
-            let reason = target_reason(d, sel.include_unmanaged)?;
+            let reason = policy.target_reason(d.class)?;
             let f = &d.candidate.facts;
             Some(Target {
                 identity: ProcessIdentity {
@@ -326,7 +324,7 @@ fn targets(sel: &Selection, detections: &[Detection], in_cgroups: &[CgroupOrphan
         .collect();
     for o in in_cgroups {
         let f = &o.facts;
-        if classified.contains(&f.pid.as_raw()) {
+        if classified.contains(&f.pid.as_raw()) || !policy.admits(CGROUP_REASON) {
             continue;
         }
         out.push(Target {
@@ -359,7 +357,7 @@ fn targets(sel: &Selection, detections: &[Detection], in_cgroups: &[CgroupOrphan
 }
 
 /// The reason of a process found in the cgroup of a dead VM.
-const CGROUP_REASON: &str = "cgroup_owner_dead";
+const CGROUP_REASON: &str = policy::CGROUP_OWNER_DEAD;
 
 fn status(sel: &Selection, json: bool) -> u8 {
     let pattern = match pattern(sel) {
@@ -368,28 +366,27 @@ fn status(sel: &Selection, json: bool) -> u8 {
     };
     let detections = detect(&pattern);
     let in_cgroups = cgroup::cgroup_orphans(&cgroup::dead_vm_cgroups());
-    let orphans: Vec<Value> = targets(sel, &detections, &in_cgroups)
-        .into_iter()
-        .map(|t| t.json)
-        .collect();
-    let health = classify::health(orphans.len(), detections.len());
-    let counts = class_counts(&detections);
+    let targets = targets(sel, &detections, &in_cgroups);
+    let counts = class_counts(&detections, &targets);
+    let health = Health::of(targets.len(), counts.total()).name();
+    let orphans: Vec<Value> = targets.into_iter().map(|t| t.json).collect();
     if json {
         print_json(&json!({
             "pattern": shown(sel),
-            "total_dspy_processes": detections.len(),
+            "total_dspy_processes": counts.total(),
             "orphaned_processes": orphans.len(),
             "system_health": health,
-            "classes": counts,
+            "classes": classes_json(&counts),
             "orphan_details": orphans,
         }));
     } else {
         out!("dspex-proc status (pattern: {})", shown(sel).join(", "));
-        out!("  Matching processes: {}", detections.len());
+        out!("  Matching processes: {}", counts.total());
         out!("  Orphans:            {}", orphans.len());
         let protected: Vec<String> = counts
+            .entries()
             .iter()
-            .filter(|(c, _)| **c != "orphan")
+            .filter(|(c, _)| *c != "orphan")
             .map(|(c, n)| format!("{c} {n}"))
             .collect();
         out!("  Protected:          {}", protected.join(", "));
@@ -443,16 +440,18 @@ fn find(sel: &Selection, json: bool) -> u8 {
     exit_for_orphans(targets.len())
 }
 
-fn outcome_name(outcome: &Outcome) -> (bool, String) {
-    match outcome {
-        Outcome::Graceful => (true, "graceful".into()),
-        Outcome::ForceKilled => (true, "force_killed".into()),
-        Outcome::AlreadyGone => (true, "already_gone".into()),
-        Outcome::Refused(r) => (false, r.name().into()),
-        Outcome::StillAlive => (false, "still_alive".into()),
-        Outcome::SignalFailed(errno) => (false, format!("signal_failed (errno {errno})")),
-        Outcome::Unverifiable(errno) => (false, format!("unverifiable (errno {errno})")),
-    }
+/// The policy's tally of an outcome, and its name in reports.
+fn outcome_name(outcome: &Outcome) -> (Tally, String) {
+    let name = match outcome {
+        Outcome::Graceful => "graceful".into(),
+        Outcome::ForceKilled => "force_killed".into(),
+        Outcome::AlreadyGone => "already_gone".into(),
+        Outcome::Refused(r) => r.name().into(),
+        Outcome::StillAlive => "still_alive".into(),
+        Outcome::SignalFailed(errno) => format!("signal_failed (errno {errno})"),
+        Outcome::Unverifiable(errno) => format!("unverifiable (errno {errno})"),
+    };
+    (Tally::from(outcome), name)
 }
 
 fn confirm(count: usize) -> bool {
@@ -486,17 +485,17 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
     let dead_vms = cgroup::dead_vm_cgroups();
     let in_cgroups = cgroup::cgroup_orphans(&dead_vms);
     let targets = targets(sel, &detections, &in_cgroups);
-    let counts = class_counts(&detections);
-    // The CLI has no registry: what it protects are the workers of live VMs (foreign), never
-    // "active" ones, a word the library keeps for its own registered workers.
-    let preserved = counts["active"] + counts["starting"] + counts["foreign"];
+    let counts = class_counts(&detections, &targets);
 
     if !targets.is_empty() && !args.dry_run && !args.yes && !confirm(targets.len()) {
         return 3;
     }
 
-    let outcomes: Vec<(bool, String)> = if args.dry_run {
-        targets.iter().map(|_| (true, "dry_run".into())).collect()
+    let outcomes: Vec<(Tally, String)> = if args.dry_run {
+        targets
+            .iter()
+            .map(|_| (Tally::DryRun, "dry_run".into()))
+            .collect()
     } else {
         let identities: Vec<ProcessIdentity> = targets.iter().map(|t| t.identity).collect();
         raise_descriptor_limit();
@@ -517,32 +516,30 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
         outcomes
     };
 
-    let terminated = outcomes
-        .iter()
-        .filter(|(_, o)| o == "graceful" || o == "force_killed")
-        .count();
-    let errors = outcomes.iter().filter(|(ok, _)| !ok).count();
-    let already_gone = outcomes.iter().filter(|(_, o)| o == "already_gone").count();
+    let tallies: Vec<Tally> = outcomes.iter().map(|(t, _)| *t).collect();
+    // The CLI has no registry: what it protects are the workers of live VMs (foreign), never
+    // "active" ones, a word the library keeps for its own registered workers.
+    let report = Report::of(&tallies, &counts);
 
     if json {
         let details: Vec<Value> = targets
             .iter()
             .zip(&outcomes)
-            .map(|(t, (ok, o))| {
+            .map(|(t, (tally, o))| {
                 let mut v = t.json.clone();
                 v["outcome"] = json!(o);
-                v["ok"] = json!(ok);
+                v["ok"] = json!(*tally != Tally::Failed);
                 v
             })
             .collect();
         print_json(&json!({
-            "found": targets.len(),
-            "terminated": terminated,
-            "errors": errors,
-            "already_gone": already_gone,
-            "preserved_active": counts["active"],
-            "preserved_live_vm_workers": preserved,
-            "classes": counts,
+            "found": report.found,
+            "terminated": report.terminated,
+            "errors": report.errors,
+            "already_gone": report.already_gone,
+            "preserved_active": report.preserved_active,
+            "preserved_live_vm_workers": report.preserved_live_vm_workers,
+            "classes": classes_json(&counts),
             "dry_run": args.dry_run,
             "details": details,
         }));
@@ -558,12 +555,15 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
                 ""
             }
         );
-        out!("  - Found: {} orphaned processes", targets.len());
-        out!("  - Terminated: {terminated} processes");
-        out!("  - Errors: {errors}");
-        out!("  - Preserved: {preserved} workers of live VMs");
+        out!("  - Found: {} orphaned processes", report.found);
+        out!("  - Terminated: {} processes", report.terminated);
+        out!("  - Errors: {}", report.errors);
+        out!(
+            "  - Preserved: {} workers of live VMs",
+            report.preserved_live_vm_workers
+        );
     }
-    u8::from(errors > 0)
+    u8::from(report.errors > 0)
 }
 
 /// Raises this process's soft limit of open files to its hard limit: the terminator holds a

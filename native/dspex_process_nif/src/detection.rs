@@ -5,6 +5,7 @@ use crate::atom;
 use crate::registry::RegistryResource;
 use dspex_process::classify::{self, Class, Viewpoint};
 use dspex_process::markers::own_pid_namespace;
+use dspex_process::policy;
 use dspex_process::scan::{MarkerRead, Pattern};
 use dspex_process::terminate::{self, Outcome, TerminateOptions};
 use dspex_process::{Pid, ProcessIdentity, Stat};
@@ -36,9 +37,27 @@ struct Detected {
     cmdline: String,
     class: Atom,
     reason: Option<Atom>,
+    /// The reason this process is a target under the caller's selection, if it is one.
+    target: Option<Atom>,
     owner: Option<Owner>,
     markers_readable: bool,
     age_ms: u64,
+}
+
+/// The caller's selection (`include_unmanaged`, `reasons`), decoded for the core's policy.
+#[derive(NifMap)]
+struct SelectionArg {
+    include_unmanaged: bool,
+    reasons: Vec<String>,
+}
+
+impl SelectionArg {
+    fn into_policy(self) -> policy::Selection {
+        policy::Selection {
+            include_unmanaged: self.include_unmanaged,
+            reasons: Some(self.reasons.into_iter().collect()),
+        }
+    }
 }
 
 /// This VM's identity: its OS pid and start time.
@@ -55,7 +74,9 @@ fn detect<'a>(
     port_pids: Vec<i64>,
     patterns: Vec<Binary>,
     min_age_ms: u64,
+    selection: SelectionArg,
 ) -> Term<'a> {
+    let selection = selection.into_policy();
     let pattern = match Pattern::new(&patterns.iter().map(|b| b.as_slice()).collect::<Vec<_>>()) {
         Ok(p) => p,
         Err(_) => return (atoms::error(), atoms::invalid_pattern()).encode(env),
@@ -86,6 +107,7 @@ fn detect<'a>(
                 Class::Orphan(r) => Some(atom(env, r.name())),
                 _ => None,
             };
+            let target = selection.target_reason(d.class).map(|r| atom(env, r));
             Detected {
                 pid: facts.pid.as_raw(),
                 start_time: facts.start_time,
@@ -96,6 +118,7 @@ fn detect<'a>(
                 cmdline: facts.argv.join(" "),
                 class: atom(env, d.class.name()),
                 reason,
+                target,
                 owner,
                 markers_readable: !matches!(d.candidate.markers, MarkerRead::Unreadable),
                 age_ms: d.age_ms,
@@ -183,7 +206,11 @@ fn encode_outcome(env: Env, outcome: Outcome) -> Term {
 /// The processes in the cgroups of dead VMs (reason `:cgroup_owner_dead`), whatever their
 /// argv, with the same fields as `detect/4`; the owner is the dead VM.
 #[rustler::nif(schedule = "DirtyIo")]
-fn detect_cgroup_orphans(env: Env) -> Vec<Detected> {
+fn detect_cgroup_orphans(env: Env, selection: SelectionArg) -> Vec<Detected> {
+    let target = selection
+        .into_policy()
+        .admits(policy::CGROUP_OWNER_DEAD)
+        .then(|| atom(env, policy::CGROUP_OWNER_DEAD));
     let found = dspex_process::cgroup::cgroup_orphans(&dspex_process::cgroup::dead_vm_cgroups());
     found
         .into_iter()
@@ -198,7 +225,8 @@ fn detect_cgroup_orphans(env: Env) -> Vec<Detected> {
                 state: atom(env, facts.state.name()),
                 cmdline: facts.argv.join(" "),
                 class: atom(env, "orphan"),
-                reason: Some(atom(env, "cgroup_owner_dead")),
+                reason: Some(atom(env, policy::CGROUP_OWNER_DEAD)),
+                target,
                 owner: Some(Owner {
                     pid: o.owner.vm.pid.as_raw(),
                     start_time: o.owner.vm.start_time,

@@ -3,6 +3,7 @@
 
 mod containment;
 mod detection;
+mod policy;
 mod registry;
 
 use rustler::{Atom, Env};
