@@ -28,7 +28,7 @@ mod test_util;
 pub use error::{Error, Result};
 pub use identity::{Pid, ProcessIdentity};
 pub use proc_facts::{read_uid, ProcessFacts, ProcessState, Stat};
-pub use registry::{Registry, RegistryStats, WorkerEntry};
+pub use registry::{DetachedKeys, Registry, RegistryStats, WorkerEntry};
 
 /// Lowers the calling thread's CPU priority (nice 10). The scan and termination threads
 /// do bursts of `/proc` work; on a small machine they must not take the CPU from the VM's
