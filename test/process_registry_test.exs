@@ -120,6 +120,46 @@ defmodule DSPexProcess.ProcessRegistryTest do
       assert eventually(fn -> ProcessRegistry.list_all_workers(reg) == [] end)
     end
 
+    test "an owner of many workers dies: all leave (off the schedulers) and its OS process ends",
+         %{reg: reg} do
+      # Past 1,000 entries, the `down` callback hands the removal and the guardian's notice
+      # to a thread of its own: the notice must still arrive, and name the right process.
+      %{script: script} = setup_bridge("bigowner")
+      {os_pid, start} = detach_and_run(script, [])
+      parent = self()
+
+      owner =
+        spawn(fn ->
+          :ok = ProcessRegistry.register_worker({:big, 0}, self(), os_pid, "big", reg)
+
+          for i <- 1..1_500,
+              do: :ok = ProcessRegistry.register_worker({:big, i}, self(), nil, "big", reg)
+
+          send(parent, :registered)
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive :registered, 10_000
+      assert length(ProcessRegistry.get_workers_by_fingerprint("big", reg)) == 1_501
+
+      log =
+        capture_log(fn ->
+          Process.exit(owner, :kill)
+
+          assert eventually(
+                   fn -> ProcessRegistry.get_stats(reg).total_registered == 0 end,
+                   5_000
+                 )
+
+          assert ProcessRegistry.get_workers_by_fingerprint("big", reg) == []
+          assert eventually(fn -> not alive?(os_pid, start) end, 10_000)
+          # The guardian logs right after it ends the process; let the line arrive.
+          Process.sleep(200)
+        end)
+
+      assert log =~ "ended OS process #{os_pid} (worker {:big, 0})"
+    end
+
     test "an entry registered for an already-dead pid is swept and logged", %{reg: reg} do
       dead = dead_pid()
       :ok = ProcessRegistry.register_worker("zombie-entry", dead, nil, "fp", reg)

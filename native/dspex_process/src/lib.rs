@@ -31,6 +31,6 @@ mod test_util;
 pub use error::{Error, Result};
 pub use identity::{Pid, ProcessIdentity};
 pub use proc_facts::{read_uid, ProcessFacts, ProcessState, Stat};
-pub use registry::{Registry, RegistryStats, WorkerEntry};
+pub use registry::{DetachedKeys, Registry, RegistryStats, WorkerEntry};
 
 pub use sys::lower_thread_priority;

@@ -4,6 +4,7 @@ use dashmap::DashMap;
 use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::hash::Hash;
+use std::sync::Arc;
 
 /// One registered worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,7 +13,8 @@ pub struct WorkerEntry<O> {
     pub owner: O,
     /// The worker's OS process, identified by pid and start time; `None` when unknown.
     pub python: Option<ProcessIdentity>,
-    pub fingerprint: Box<str>,
+    /// Shared by every entry with the same fingerprint (the registry interns it).
+    pub fingerprint: Arc<str>,
     /// Unix time in seconds.
     pub registered_at: u64,
     /// The owner is being watched, hence alive: an entry leaves the registry as soon as its
@@ -29,21 +31,23 @@ pub struct RegistryStats {
     pub active_python_pids: usize,
 }
 
-/// The keys one owner has registered: almost always exactly one, kept without a
-/// collection; a set for the owner (a pool manager, say) that registers many.
+/// A set of keys (an owner's, or a fingerprint's): almost always exactly one, kept without
+/// a collection; a boxed set for the owner (a pool manager, say) that registers many.
 #[derive(Debug)]
 enum Keys<K> {
     None,
     One(K),
-    Many(HashSet<K>),
+    // Boxed so that the common `One` record is 24 bytes, not the 56 of an inline set.
+    #[allow(clippy::box_collection)]
+    Many(Box<HashSet<K>>),
 }
 
-impl<K: Eq + Hash> Keys<K> {
+impl<K: Eq + Hash + Clone> Keys<K> {
     fn add(&mut self, key: K) {
         match std::mem::replace(self, Keys::None) {
             Keys::None => *self = Keys::One(key),
             Keys::One(k) if k == key => *self = Keys::One(k),
-            Keys::One(k) => *self = Keys::Many(HashSet::from([k, key])),
+            Keys::One(k) => *self = Keys::Many(Box::new(HashSet::from([k, key]))),
             Keys::Many(mut ks) => {
                 ks.insert(key);
                 *self = Keys::Many(ks);
@@ -65,6 +69,22 @@ impl<K: Eq + Hash> Keys<K> {
         }
     }
 
+    fn len(&self) -> usize {
+        match self {
+            Keys::None => 0,
+            Keys::One(_) => 1,
+            Keys::Many(ks) => ks.len(),
+        }
+    }
+
+    fn to_vec(&self) -> Vec<K> {
+        match self {
+            Keys::None => Vec::new(),
+            Keys::One(k) => vec![k.clone()],
+            Keys::Many(ks) => ks.iter().cloned().collect(),
+        }
+    }
+
     fn into_vec(self) -> Vec<K> {
         match self {
             Keys::None => Vec::new(),
@@ -74,18 +94,45 @@ impl<K: Eq + Hash> Keys<K> {
     }
 }
 
+/// The keys of an owner that died, taken out of the registry's watch list in O(1) by
+/// [`Registry::detach_owner`]; [`Registry::remove_detached`] removes their entries, in
+/// time proportional to their number (the NIF does that off the VM's schedulers when
+/// there are many).
+#[derive(Debug)]
+pub struct DetachedKeys<K>(Keys<K>);
+
+impl<K: Eq + Hash + Clone> DetachedKeys<K> {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Shards of each map: a listing holds one shard's read lock at a time, so with many
+/// shards a writer waits at most for a small fraction of a large listing.
+const SHARDS: usize = 64;
+
 /// A concurrent worker registry.
 ///
 /// `K` is the worker id and `O` the owner handle (an Elixir pid in the NIF). Each owner is
 /// watched once, through the `monitor` callback given to [`Registry::register`], for as long
 /// as it lives; [`Registry::owner_down`] is the other half.
 ///
-/// Locking: every change to the entries of owner `o` is made while `o`'s record in `owners`
-/// is locked, or after that record is gone; no code holds an `entries` lock while taking
-/// an `owners` lock, so there is no lock-order inversion.
+/// Fingerprints are interned and indexed: `fingerprints` maps each one to the keys whose
+/// entry has it, so [`Registry::by_fingerprint`] reads only those entries.
+///
+/// Locking: the lock order is `owners`, then `entries`, then `fingerprints`; no code holds
+/// a lock while taking one earlier in that order. Every change to the entries of owner `o`
+/// is made while `o`'s record in `owners` is locked, or after that record is gone. Every
+/// change to the fingerprint index is made while the entry's shard in `entries` is
+/// write-locked, so the index names key `k` under `f` exactly when `k`'s entry has `f`.
 pub struct Registry<K, O> {
     entries: DashMap<K, WorkerEntry<O>>,
     owners: DashMap<O, Keys<K>>,
+    fingerprints: DashMap<Arc<str>, Keys<K>>,
 }
 
 impl<K, O> Default for Registry<K, O>
@@ -105,8 +152,18 @@ where
 {
     pub fn new() -> Self {
         Registry {
-            entries: DashMap::new(),
-            owners: DashMap::new(),
+            entries: DashMap::with_shard_amount(SHARDS),
+            owners: DashMap::with_shard_amount(SHARDS),
+            fingerprints: DashMap::with_shard_amount(SHARDS),
+        }
+    }
+
+    /// The registry's copy of `fingerprint` when an entry has it, so that a registration
+    /// with a known fingerprint allocates nothing for it.
+    pub fn intern(&self, fingerprint: &str) -> Arc<str> {
+        match self.fingerprints.get(fingerprint) {
+            Some(known) => known.key().clone(),
+            None => fingerprint.into(),
         }
     }
 
@@ -128,7 +185,7 @@ where
             Entry::Occupied(mut keys) => {
                 entry.alive = true;
                 keys.get_mut().add(key.clone());
-                self.entries.insert(key.clone(), entry)
+                self.put(key.clone(), entry)
             }
             Entry::Vacant(slot) => {
                 entry.alive = monitor(&owner);
@@ -137,7 +194,7 @@ where
                 } else {
                     drop(slot);
                 }
-                self.entries.insert(key.clone(), entry)
+                self.put(key.clone(), entry)
             }
         };
         let old = replaced?;
@@ -147,6 +204,73 @@ where
             }
         }
         old.python.filter(|old_python| Some(*old_python) != python)
+    }
+
+    /// Puts `entry` under `key` and keeps the fingerprint index in step, under the entry's
+    /// shard lock. Returns the entry it replaced.
+    fn put(&self, key: K, mut entry: WorkerEntry<O>) -> Option<WorkerEntry<O>> {
+        match self.entries.entry(key) {
+            Entry::Occupied(mut slot) => {
+                if slot.get().fingerprint == entry.fingerprint {
+                    entry.fingerprint = Arc::clone(&slot.get().fingerprint);
+                } else {
+                    self.unindex::<K>(&slot.get().fingerprint, slot.key());
+                    entry.fingerprint = self.index(entry.fingerprint, slot.key().clone());
+                }
+                Some(slot.insert(entry))
+            }
+            Entry::Vacant(slot) => {
+                entry.fingerprint = self.index(entry.fingerprint, slot.key().clone());
+                slot.insert(entry);
+                None
+            }
+        }
+    }
+
+    /// Adds `key` under `fingerprint`; returns the index's copy of the fingerprint.
+    fn index(&self, fingerprint: Arc<str>, key: K) -> Arc<str> {
+        match self.fingerprints.entry(fingerprint) {
+            Entry::Occupied(mut keys) => {
+                keys.get_mut().add(key);
+                Arc::clone(keys.key())
+            }
+            Entry::Vacant(slot) => {
+                let fingerprint = Arc::clone(slot.key());
+                slot.insert(Keys::One(key));
+                fingerprint
+            }
+        }
+    }
+
+    fn unindex<Q>(&self, fingerprint: &str, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.fingerprints.remove_if_mut(fingerprint, |_, keys| {
+            keys.remove(key);
+            keys.len() == 0
+        });
+    }
+
+    /// Removes the entry under `key` if `take` says so, and its fingerprint from the index,
+    /// under the entry's shard lock.
+    fn take<Q>(
+        &self,
+        key: &Q,
+        take: impl FnOnce(&WorkerEntry<O>) -> bool,
+    ) -> Option<(K, WorkerEntry<O>)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.entries.remove_if(key, |k, e| {
+            let taken = take(e);
+            if taken {
+                self.unindex::<K>(&e.fingerprint, k);
+            }
+            taken
+        })
     }
 
     /// Removes `key`; returns the entry that was there.
@@ -159,13 +283,13 @@ where
             let owner = self.entries.get(key).map(|e| e.owner)?;
             let removed = match self.owners.get_mut(&owner) {
                 Some(mut keys) => {
-                    let removed = self.entries.remove_if(key, |_, e| e.owner == owner);
+                    let removed = self.take(key, |e| e.owner == owner);
                     if removed.is_some() {
                         keys.remove(key);
                     }
                     removed
                 }
-                None => self.entries.remove_if(key, |_, e| e.owner == owner),
+                None => self.take(key, |e| e.owner == owner),
             };
             if let Some((_, entry)) = removed {
                 return Some(entry);
@@ -176,12 +300,29 @@ where
 
     /// The owner died: its entries leave. Returns them.
     pub fn owner_down(&self, owner: &O) -> Vec<(K, WorkerEntry<O>)> {
-        let Some((_, keys)) = self.owners.remove(owner) else {
-            return Vec::new();
-        };
-        keys.into_vec()
+        match self.detach_owner(owner) {
+            Some(keys) => self.remove_detached(owner, keys),
+            None => Vec::new(),
+        }
+    }
+
+    /// The first half of [`Registry::owner_down`], O(1): the owner is no longer watched
+    /// (a later registration by the same handle monitors it again, and finds it dead).
+    /// Returns its keys, or `None` when it was not watched.
+    pub fn detach_owner(&self, owner: &O) -> Option<DetachedKeys<K>> {
+        self.owners
+            .remove(owner)
+            .map(|(_, keys)| DetachedKeys(keys))
+    }
+
+    /// The second half of [`Registry::owner_down`]: removes the entries of `keys` that
+    /// still belong to `owner` (a key registered again by another owner meanwhile stays).
+    /// Returns them.
+    pub fn remove_detached(&self, owner: &O, keys: DetachedKeys<K>) -> Vec<(K, WorkerEntry<O>)> {
+        keys.0
+            .into_vec()
             .into_iter()
-            .filter_map(|key| self.entries.remove_if(&key, |_, e| e.owner == *owner))
+            .filter_map(|key| self.take(&key, |e| e.owner == *owner && e.alive))
             .collect()
     }
 
@@ -194,7 +335,7 @@ where
             .map(|e| e.key().clone())
             .collect();
         dead.into_iter()
-            .filter(|key| self.entries.remove_if(key, |_, e| !e.alive).is_some())
+            .filter(|key| self.take(key, |e| !e.alive).is_some())
             .collect()
     }
 
@@ -203,7 +344,17 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.entries.get(key).map(|e| e.value().clone())
+        self.get_with(key, WorkerEntry::clone)
+    }
+
+    /// Reads the entry under `key` in place, under its shard's read lock: `read` must be
+    /// short and must not call back into the registry.
+    pub fn get_with<Q, R>(&self, key: &Q, read: impl FnOnce(&WorkerEntry<O>) -> R) -> Option<R>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.entries.get(key).map(|e| read(e.value()))
     }
 
     /// A snapshot of every entry.
@@ -211,8 +362,21 @@ where
         self.select(|_| true)
     }
 
+    /// The entries with this fingerprint, found through the index: the cost is that of the
+    /// entries returned, not of the registry's size.
     pub fn by_fingerprint(&self, fingerprint: &str) -> Vec<(K, WorkerEntry<O>)> {
-        self.select(|e| &*e.fingerprint == fingerprint)
+        // The index's lock is released before any entry is read (the lock order).
+        let keys = match self.fingerprints.get(fingerprint) {
+            Some(keys) => keys.to_vec(),
+            None => return Vec::new(),
+        };
+        keys.into_iter()
+            .filter_map(|key| {
+                let entry = self.entries.get(&key)?;
+                // The entry may have changed since the index was read.
+                (&*entry.fingerprint == fingerprint).then(|| (key.clone(), entry.clone()))
+            })
+            .collect()
     }
 
     /// Entries whose owner is dead.
@@ -254,6 +418,16 @@ where
     /// How many owners are being watched.
     pub fn watched_owners(&self) -> usize {
         self.owners.len()
+    }
+
+    /// How many keys the owner has registered (0 when it is not watched).
+    pub fn owned_by(&self, owner: &O) -> usize {
+        self.owners.get(owner).map_or(0, |keys| keys.len())
+    }
+
+    /// How many distinct fingerprints the index holds.
+    pub fn fingerprint_count(&self) -> usize {
+        self.fingerprints.len()
     }
 
     fn select(&self, keep: impl Fn(&WorkerEntry<O>) -> bool) -> Vec<(K, WorkerEntry<O>)> {

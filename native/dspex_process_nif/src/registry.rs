@@ -1,14 +1,21 @@
 //! The worker registry as a NIF resource. The resource lives as long as any term refers
 //! to it (the Elixir side keeps one in `:persistent_term`), so it outlives the GenServer.
 
-use dspex_process::{Pid, ProcessIdentity, Registry, RegistryStats, WorkerEntry};
-use rustler::{Atom, Encoder, Env, LocalPid, Monitor, NifMap, ResourceArc, Term};
+use dspex_process::{DetachedKeys, Pid, ProcessIdentity, Registry, RegistryStats, WorkerEntry};
+use rustler::sys::ErlNifTerm;
+use rustler::types::binary::NewBinary;
+use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, NifMap, OwnedEnv, ResourceArc, Term};
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod atoms {
-    rustler::atoms! { ok, error, not_found, dspex_registered, dspex_released }
+    rustler::atoms! {
+        ok, error, nil, not_found, dspex_registered, dspex_released,
+        elixir_pid, fingerprint, python_pid, python_start_time, registered_at,
+    }
 }
 
 /// The Elixir process (`DSPexProcess.Guardian`) told of every OS process that enters or
@@ -38,10 +45,16 @@ fn notify_released(env: Env, guarded: bool, released: &[(Term, ProcessIdentity)]
 /// hashed and compared without an env; shared between the entry and its owner's record.
 type WorkerKey = Arc<[u8]>;
 
+/// An owner with more entries than this is removed off the schedulers (see `down`):
+/// removing one entry and naming it in the guardian's notice takes about a microsecond,
+/// so this bounds what a `down` callback does on a normal scheduler to about a millisecond.
+const INLINE_REMOVAL: usize = 1_000;
+
 pub struct RegistryResource {
     // The registry never leaves its maps half-updated on a panic (dashmap locks do not
     // poison and our closures do not panic), so crossing rustler's catch_unwind is sound.
-    registry: AssertUnwindSafe<Registry<WorkerKey, LocalPid>>,
+    // Shared with the thread that removes the entries of an owner of many (see `down`).
+    registry: Arc<AssertUnwindSafe<Registry<WorkerKey, LocalPid>>>,
     /// Whether the guardian hears of this registry's processes (the registry's `:guardian`
     /// option).
     guarded: bool,
@@ -59,25 +72,79 @@ impl rustler::Resource for RegistryResource {
     const IMPLEMENTS_DOWN: bool = true;
 
     /// A monitored worker process exited: its entries leave at once, and the guardian hears
-    /// of their OS processes.
+    /// of their OS processes. The owner's record is taken out here (O(1)); its entries are
+    /// removed here when they are few, and on a thread of their own when they are many, so
+    /// that no normal scheduler spends more than about a millisecond on one death.
     fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
-        let released: Vec<(Term, ProcessIdentity)> = self
-            .registry
-            .owner_down(&pid)
-            .into_iter()
-            .filter_map(|(key, entry)| Some((key_term(env, &key), entry.python?)))
-            .collect();
-        notify_released(env, self.guarded, &released);
+        let Some(keys) = self.registry.detach_owner(&pid) else {
+            return;
+        };
+        if keys.len() <= INLINE_REMOVAL {
+            let released = released_terms(env, self.registry.remove_detached(&pid, keys));
+            notify_released(env, self.guarded, &released);
+            return;
+        }
+        // The thread takes the keys out of `work`; if it cannot be started, they are still
+        // there and the removal happens here after all.
+        let work = Arc::new(Mutex::new(Some(keys)));
+        let job = {
+            let work = Arc::clone(&work);
+            let registry = Arc::clone(&self.registry);
+            let guarded = self.guarded;
+            move || {
+                let keys = work.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(keys) = keys {
+                    remove_off_scheduler(&registry, pid, keys, guarded);
+                }
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("dspex-registry-release".into())
+            .spawn(job);
+        if spawned.is_err() {
+            let keys = work.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(keys) = keys {
+                let released = released_terms(env, self.registry.remove_detached(&pid, keys));
+                notify_released(env, self.guarded, &released);
+            }
+        }
     }
 }
 
-#[derive(NifMap)]
-struct WorkerInfo {
-    elixir_pid: LocalPid,
-    python_pid: Option<i32>,
-    python_start_time: Option<u64>,
-    fingerprint: String,
-    registered_at: u64,
+/// The ids and OS processes of removed entries (those without an OS process are left out).
+fn released_terms(
+    env: Env,
+    removed: Vec<(WorkerKey, WorkerEntry<LocalPid>)>,
+) -> Vec<(Term, ProcessIdentity)> {
+    removed
+        .into_iter()
+        .filter_map(|(key, entry)| Some((key_term(env, &key), entry.python?)))
+        .collect()
+}
+
+/// Removes a dead owner's many entries on a thread that is not a scheduler, and sends the
+/// guardian its notice from a process-independent env.
+fn remove_off_scheduler(
+    registry: &Registry<WorkerKey, LocalPid>,
+    owner: LocalPid,
+    keys: DetachedKeys<WorkerKey>,
+    guarded: bool,
+) {
+    let removed = registry.remove_detached(&owner, keys);
+    if !guarded {
+        return;
+    }
+    if let Some(guardian) = guardian() {
+        let mut owned = OwnedEnv::new();
+        let _ = owned.send_and_clear(&guardian, |env| {
+            let released = released_terms(env, removed);
+            let list: Vec<(i32, u64, Term)> = released
+                .iter()
+                .map(|(id, p)| (p.pid.as_raw(), p.start_time, *id))
+                .collect();
+            (atoms::dspex_released(), list)
+        });
+    }
 }
 
 #[derive(NifMap)]
@@ -99,36 +166,138 @@ impl From<RegistryStats> for Stats {
     }
 }
 
-fn info(entry: WorkerEntry<LocalPid>) -> WorkerInfo {
-    WorkerInfo {
-        elixir_pid: entry.owner,
-        python_pid: entry.python.map(|id| id.pid.as_raw()),
-        python_start_time: entry.python.map(|id| id.start_time),
-        fingerprint: entry.fingerprint.into(),
-        registered_at: entry.registered_at,
+/// Builds entry maps: `%{elixir_pid, python_pid, python_start_time, fingerprint,
+/// registered_at}` in one `enif_make_map_from_arrays` each (no map is copied key by key).
+/// Over a listing, a fingerprint shared by several entries is made into a term once.
+struct InfoEncoder<'a> {
+    env: Env<'a>,
+    keys: [ErlNifTerm; 5],
+    nil: Term<'a>,
+    fingerprints: HashMap<*const u8, Term<'a>>,
+}
+
+/// Fingerprint terms remembered per listing; past this, the rest are made one by one.
+const FINGERPRINT_CACHE: usize = 4_096;
+
+impl<'a> InfoEncoder<'a> {
+    fn new(env: Env<'a>) -> Self {
+        // Keys in term order (atoms by name), which is how a small map stores them.
+        let keys = [
+            atoms::elixir_pid(),
+            atoms::fingerprint(),
+            atoms::python_pid(),
+            atoms::python_start_time(),
+            atoms::registered_at(),
+        ]
+        .map(|a| a.encode(env).as_c_arg());
+        InfoEncoder {
+            env,
+            keys,
+            nil: atoms::nil().encode(env),
+            fingerprints: HashMap::new(),
+        }
+    }
+
+    fn fingerprint(&mut self, fingerprint: &Arc<str>, shared: bool) -> Term<'a> {
+        let env = self.env;
+        let make = || -> Term<'a> { NewBinary::from_slice(env, fingerprint.as_bytes()).into() };
+        if !shared {
+            return make();
+        }
+        let at = fingerprint.as_ptr();
+        if let Some(term) = self.fingerprints.get(&at) {
+            return *term;
+        }
+        let term = make();
+        if self.fingerprints.len() < FINGERPRINT_CACHE {
+            self.fingerprints.insert(at, term);
+        }
+        term
+    }
+
+    /// `shared`: remember the fingerprint's term for later entries (listings only).
+    fn info(&mut self, entry: &WorkerEntry<LocalPid>, shared: bool) -> Term<'a> {
+        let env = self.env;
+        let (pid, start) = match entry.python {
+            Some(id) => (id.pid.as_raw().encode(env), id.start_time.encode(env)),
+            None => (self.nil, self.nil),
+        };
+        let values = [
+            entry.owner.encode(env).as_c_arg(),
+            self.fingerprint(&entry.fingerprint, shared).as_c_arg(),
+            pid.as_c_arg(),
+            start.as_c_arg(),
+            entry.registered_at.encode(env).as_c_arg(),
+        ];
+        let mut map = MaybeUninit::<ErlNifTerm>::uninit();
+        // SAFETY: five distinct atom keys and five valid terms of `env`; the call writes the
+        // map into `map` and returns nonzero (zero only for duplicate keys).
+        let made = unsafe {
+            rustler::sys::enif_make_map_from_arrays(
+                env.as_c_arg(),
+                self.keys.as_ptr(),
+                values.as_ptr(),
+                5,
+                map.as_mut_ptr(),
+            )
+        };
+        assert!(made != 0, "the entry map's keys are distinct");
+        // SAFETY: the call succeeded, so it wrote a map made in `env`.
+        unsafe { Term::new(env, map.assume_init()) }
+    }
+
+    fn pairs(mut self, entries: Vec<(WorkerKey, WorkerEntry<LocalPid>)>) -> Term<'a> {
+        let env = self.env;
+        let pairs: Vec<Term<'a>> = entries
+            .iter()
+            .map(|(key, entry)| (key_term(env, key), self.info(entry, true)).encode(env))
+            .collect();
+        pairs.encode(env)
     }
 }
 
-/// The key bytes of a worker id. Lookups borrow them; only insertion keeps a copy.
-fn key(term: Term) -> rustler::OwnedBinary {
-    term.to_binary()
+/// `BINARY_EXT` in the external term format: a worker id that is a binary (the common
+/// case) is encoded and decoded here, byte for byte as `term_to_binary/1` does, without
+/// asking the VM; other ids go through `term_to_binary/1` and `binary_to_term/1`.
+const VERSION: u8 = 131;
+const BINARY_EXT: u8 = 109;
+const BINARY_HEADER: usize = 6;
+
+/// Calls `f` with the key bytes of `term`: built on the stack for a short binary id, with
+/// no allocation.
+fn with_key<R>(term: Term, f: impl FnOnce(&[u8]) -> R) -> R {
+    let Ok(binary) = Binary::from_term(term) else {
+        return f(term.to_binary().as_slice());
+    };
+    let bytes = binary.as_slice();
+    let Ok(len) = u32::try_from(bytes.len()) else {
+        return f(term.to_binary().as_slice());
+    };
+    let mut stack = [0u8; 128];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = if BINARY_HEADER + bytes.len() <= stack.len() {
+        &mut stack[..BINARY_HEADER + bytes.len()]
+    } else {
+        heap.resize(BINARY_HEADER + bytes.len(), 0);
+        &mut heap
+    };
+    buf[0] = VERSION;
+    buf[1] = BINARY_EXT;
+    buf[2..BINARY_HEADER].copy_from_slice(&len.to_be_bytes());
+    buf[BINARY_HEADER..].copy_from_slice(bytes);
+    f(buf)
 }
 
 fn key_term<'a>(env: Env<'a>, key: &[u8]) -> Term<'a> {
-    // SAFETY: every key was produced by enif_term_to_binary in this VM.
+    if let [VERSION, BINARY_EXT, l0, l1, l2, l3, rest @ ..] = key {
+        if u32::from_be_bytes([*l0, *l1, *l2, *l3]) as usize == rest.len() {
+            return NewBinary::from_slice(env, rest).into();
+        }
+    }
+    // SAFETY: every key was produced by enif_term_to_binary in this VM, or is BINARY_EXT.
     unsafe { env.binary_to_term_trusted(key) }
         .expect("registry keys are valid external terms")
         .0
-}
-
-fn with_ids<'a>(
-    env: Env<'a>,
-    entries: Vec<(WorkerKey, WorkerEntry<LocalPid>)>,
-) -> Vec<(Term<'a>, WorkerInfo)> {
-    entries
-        .into_iter()
-        .map(|(k, e)| (key_term(env, &k), info(e)))
-        .collect()
 }
 
 fn unix_seconds() -> u64 {
@@ -140,7 +309,7 @@ fn unix_seconds() -> u64 {
 #[rustler::nif]
 fn registry_new(guarded: bool) -> ResourceArc<RegistryResource> {
     ResourceArc::new(RegistryResource {
-        registry: AssertUnwindSafe(Registry::new()),
+        registry: Arc::new(AssertUnwindSafe(Registry::new())),
         guarded,
     })
 }
@@ -153,7 +322,7 @@ fn registry_register<'a>(
     worker_id: Term<'a>,
     elixir_pid: LocalPid,
     python_pid: Option<i64>,
-    fingerprint: String,
+    fingerprint: &str,
 ) -> Term<'a> {
     let python = match python_pid.map(|raw| Pid::new(raw).and_then(ProcessIdentity::of)) {
         None => None,
@@ -163,11 +332,11 @@ fn registry_register<'a>(
     let entry = WorkerEntry {
         owner: elixir_pid,
         python,
-        fingerprint: fingerprint.into(),
+        fingerprint: resource.registry.intern(fingerprint),
         registered_at: unix_seconds(),
         alive: false,
     };
-    let key: WorkerKey = key(worker_id).as_slice().into();
+    let key: WorkerKey = with_key(worker_id, |bytes| Arc::from(bytes));
     let replaced = resource
         .registry
         .register(key, entry, |pid| env.monitor(&resource, pid).is_some());
@@ -195,7 +364,7 @@ fn registry_unregister<'a>(
     resource: ResourceArc<RegistryResource>,
     worker_id: Term<'a>,
 ) -> Atom {
-    let removed = resource.registry.unregister(key(worker_id).as_slice());
+    let removed = with_key(worker_id, |key| resource.registry.unregister(key));
     if let Some(python) = removed.and_then(|e| e.python) {
         notify_released(env, resource.guarded, &[(worker_id, python)]);
     }
@@ -240,21 +409,26 @@ fn registries_hold(
     targets.iter().map(|t| held.contains(t)).collect()
 }
 
+/// `{:ok, info}` or `{:error, :not_found}`; the map is built from the entry in place.
 #[rustler::nif]
-fn registry_get(
+fn registry_get<'a>(
+    env: Env<'a>,
     resource: ResourceArc<RegistryResource>,
-    worker_id: Term,
-) -> Result<WorkerInfo, Atom> {
-    resource
-        .registry
-        .get(key(worker_id).as_slice())
-        .map(info)
-        .ok_or_else(atoms::not_found)
+    worker_id: Term<'a>,
+) -> Term<'a> {
+    let mut encoder = InfoEncoder::new(env);
+    let info = with_key(worker_id, |key| {
+        resource.registry.get_with(key, |e| encoder.info(e, false))
+    });
+    match info {
+        Some(info) => (atoms::ok(), info).encode(env),
+        None => (atoms::error(), atoms::not_found()).encode(env),
+    }
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
-fn registry_list(env: Env, resource: ResourceArc<RegistryResource>) -> Vec<(Term, WorkerInfo)> {
-    with_ids(env, resource.registry.entries())
+fn registry_list(env: Env, resource: ResourceArc<RegistryResource>) -> Term {
+    InfoEncoder::new(env).pairs(resource.registry.entries())
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -262,8 +436,8 @@ fn registry_by_fingerprint<'a>(
     env: Env<'a>,
     resource: ResourceArc<RegistryResource>,
     fingerprint: &str,
-) -> Vec<(Term<'a>, WorkerInfo)> {
-    with_ids(env, resource.registry.by_fingerprint(fingerprint))
+) -> Term<'a> {
+    InfoEncoder::new(env).pairs(resource.registry.by_fingerprint(fingerprint))
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -276,11 +450,8 @@ fn registry_active_python_pids(resource: ResourceArc<RegistryResource>) -> Vec<i
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
-fn registry_dead_workers(
-    env: Env,
-    resource: ResourceArc<RegistryResource>,
-) -> Vec<(Term, WorkerInfo)> {
-    with_ids(env, resource.registry.dead())
+fn registry_dead_workers(env: Env, resource: ResourceArc<RegistryResource>) -> Term {
+    InfoEncoder::new(env).pairs(resource.registry.dead())
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]

@@ -28,6 +28,14 @@ enum Op {
     /// calls; called here even for owners it does not watch, where it must do nothing). It
     /// returns the entries that left.
     Dies(Owner),
+    /// The owner's death handled in two steps, as the NIF does for an owner of many
+    /// entries: `detach_owner` at once, `remove_detached` later (on a thread). Between the
+    /// two, the dead owner's handle registers `key` (a registration the monitor refuses).
+    DiesSlowly {
+        owner: Owner,
+        key: Key,
+        fingerprint: u8,
+    },
     RemoveDead,
     Get(Key),
     Entries,
@@ -49,7 +57,12 @@ fn op() -> impl Strategy<Value = Op> {
             fingerprint
         }),
         3 => key.clone().prop_map(Op::Unregister),
-        2 => owner.prop_map(Op::Dies),
+        2 => owner.clone().prop_map(Op::Dies),
+        1 => (owner, key.clone(), 0..3u8).prop_map(|(owner, key, fingerprint)| Op::DiesSlowly {
+            owner,
+            key,
+            fingerprint
+        }),
         1 => Just(Op::RemoveDead),
         2 => key.prop_map(Op::Get),
         1 => Just(Op::Entries),
@@ -151,6 +164,44 @@ fn the_registry_answers_as_the_model_says() {
                     };
                     prop_assert_eq!(by_key(reg.owner_down(&owner)), expected, "step {}", step);
                 }
+                Op::DiesSlowly {
+                    owner,
+                    key,
+                    fingerprint,
+                } => {
+                    model.dead.insert(owner);
+                    let watched = model.watched.remove(&owner);
+                    let detached = reg.detach_owner(&owner);
+                    prop_assert_eq!(detached.is_some(), watched, "step {}", step);
+                    let late = WorkerEntry {
+                        owner,
+                        python: None,
+                        fingerprint: format!("fp{fingerprint}").into(),
+                        registered_at: step as u64,
+                        alive: false,
+                    };
+                    let expected_left = model.entries.get(&key).and_then(|old| old.python);
+                    let mut called = false;
+                    let left = reg.register(key, late.clone(), |_| {
+                        called = true;
+                        false
+                    });
+                    prop_assert!(called, "a detached owner is monitored again, step {}", step);
+                    prop_assert_eq!(left, expected_left, "step {}", step);
+                    model.entries.insert(key, late);
+                    let expected = if watched {
+                        let gone = model.select(|e| e.owner == owner && e.alive);
+                        model.entries.retain(|_, e| e.owner != owner || !e.alive);
+                        gone
+                    } else {
+                        Vec::new()
+                    };
+                    let removed = match detached {
+                        Some(keys) => reg.remove_detached(&owner, keys),
+                        None => Vec::new(),
+                    };
+                    prop_assert_eq!(by_key(removed), expected, "step {}", step);
+                }
                 Op::RemoveDead => {
                     let expected: Vec<Key> = model
                         .select(|e| !e.alive)
@@ -202,6 +253,19 @@ fn the_registry_answers_as_the_model_says() {
             prop_assert_eq!(reg.len(), model.entries.len());
             prop_assert_eq!(reg.is_empty(), model.entries.is_empty());
             prop_assert_eq!(reg.watched_owners(), model.watched.len());
+            // The fingerprint index holds exactly the fingerprints of the entries, and the
+            // entries share one copy of each.
+            let fingerprints: BTreeSet<&str> =
+                model.entries.values().map(|e| &*e.fingerprint).collect();
+            prop_assert_eq!(reg.fingerprint_count(), fingerprints.len());
+            for owner in 0..4u8 {
+                let owned = model
+                    .entries
+                    .values()
+                    .filter(|e| e.owner == owner && e.alive)
+                    .count();
+                prop_assert_eq!(reg.owned_by(&owner), owned, "owner {}", owner);
+            }
         }
         Ok(())
     });
