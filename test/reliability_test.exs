@@ -263,25 +263,23 @@ defmodule DSPexProcess.ReliabilityTest do
       resource = ProcessRegistry.resource!(reg)
       me = {String.to_integer(System.pid()), start_time(String.to_integer(System.pid()))}
 
-      # Arities of every NIF; terminate_start gets only targets that cannot name a live
+      # Every NIF but those that change the VM's own state (which guardian process to
+      # tell, containment on or off, moving processes between cgroups, removing cgroups)
+      # takes random terms; terminate_start gets only targets that cannot name a live
       # process of ours (pid <= 1 or beyond pid_max), so a random term can never signal.
-      nifs = [
-        registry_new: 0,
-        registry_register: 5,
-        registry_unregister: 2,
-        registry_get: 2,
-        registry_list: 1,
-        registry_by_fingerprint: 2,
-        registry_active_python_pids: 1,
-        registry_dead_workers: 1,
-        registry_remove_dead: 1,
-        registry_stats: 1,
-        detect: 4,
-        beam_identity: 0,
-        capabilities: 0,
-        process_start_time: 1,
-        is_port_child: 1
+      stateful = [
+        guardian_attach: 1,
+        containment_start: 1,
+        containment_stop: 0,
+        cgroup_enter: 2,
+        cgroup_dissolve: 2,
+        remove_dead_vm_cgroups: 0,
+        terminate_start: 3,
+        load_nif: 0
       ]
+
+      nifs = Native.__info__(:functions) -- [{:library_path, 0}, {:load_error, 0} | stateful]
+      assert {:detect, 5} in nifs and {:port_child?, 1} in nifs
 
       for _ <- 1..2_000 do
         {name, arity} = Enum.random(nifs)
@@ -305,7 +303,11 @@ defmodule DSPexProcess.ReliabilityTest do
           ],
           grace <- [0, -1, :x] do
         try do
-          Native.terminate_start(targets, grace, 0, true, false, 1)
+          Native.terminate_start(
+            targets,
+            %{grace_ms: grace, kill_wait_ms: 0, kill_group: true, allow_other_users: false},
+            1
+          )
         rescue
           ArgumentError -> :badarg
         end

@@ -290,7 +290,21 @@ defmodule DSPexProcess.Guardian do
       Native.containment_stop()
     end
 
+    # The OS guardian stands down: what is left is ended, or a restarted guardian (with a
+    # guard of its own, told of everything registered) takes over. Without this line (a
+    # guardian killed outright, a VM halted or killed), the guard waits for the VM to exit
+    # and then ends what is still registered.
+    stand_down(state)
     :ok
+  end
+
+  defp stand_down(%{port: nil}), do: :ok
+
+  defp stand_down(%{port: port}) do
+    Port.command(port, ".\n")
+    :ok
+  rescue
+    ArgumentError -> :ok
   end
 
   # Moves a registered process into its own leaf (a dirty NIF: a cgroup.procs write can

@@ -93,11 +93,15 @@ defmodule DSPexProcess.Native do
   def detect(_registries, _port_pids, _patterns, _min_age_ms, _selection), do: not_loaded()
   def policy_summary(_classes, _orphans, _outcomes), do: not_loaded()
 
-  def terminate_start(_targets, _grace_ms, _kill_wait_ms, _kill_group, _allow_other, _tag),
-    do: not_loaded()
+  # options: %{grace_ms, kill_wait_ms, kill_group, allow_other_users}
+  def terminate_start(_targets, _options, _tag), do: not_loaded()
 
   def beam_identity, do: not_loaded()
-  def is_port_child(_os_pid), do: not_loaded()
+
+  def marker_env(_beam_pid, _beam_start, _pid_ns, _run_id, _worker_id, _fingerprint),
+    do: not_loaded()
+
+  def port_child?(_os_pid), do: not_loaded()
   def process_metrics(_targets), do: not_loaded()
   def capabilities, do: not_loaded()
   def process_start_time(_pid), do: not_loaded()

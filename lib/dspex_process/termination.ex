@@ -22,15 +22,14 @@ defmodule DSPexProcess.Termination do
     kill_wait = Keyword.fetch!(opts, :kill_wait_ms)
     tag = System.unique_integer([:positive])
 
-    :ok =
-      Native.terminate_start(
-        targets,
-        grace,
-        kill_wait,
-        Keyword.get(opts, :kill_group, true),
-        Keyword.get(opts, :allow_other_users, false),
-        tag
-      )
+    options = %{
+      grace_ms: grace,
+      kill_wait_ms: kill_wait,
+      kill_group: Keyword.get(opts, :kill_group, true),
+      allow_other_users: Keyword.get(opts, :allow_other_users, false)
+    }
+
+    :ok = Native.terminate_start(targets, options, tag)
 
     # The thread always answers within grace + kill_wait plus a few /proc reads per target.
     receive do

@@ -136,15 +136,11 @@ defmodule DSPexProcess.Worker do
   @spec markers(term(), String.t()) :: [{String.t(), String.t()}]
   def markers(worker_id, fingerprint) do
     {beam_pid, beam_start, pid_ns} = beam_identity()
+    # The names and their format live in the core, beside the parser that reads them back.
+    {:ok, env} =
+      Native.marker_env(beam_pid, beam_start, pid_ns, run_id(), id_string(worker_id), fingerprint)
 
-    [
-      {"DSPEX_OWNER_PID", Integer.to_string(beam_pid)},
-      {"DSPEX_OWNER_START", Integer.to_string(beam_start)},
-      {"DSPEX_OWNER_PIDNS", if(pid_ns, do: Integer.to_string(pid_ns), else: "")},
-      {"DSPEX_RUN_ID", run_id()},
-      {"DSPEX_WORKER_ID", id_string(worker_id)},
-      {"DSPEX_FINGERPRINT", fingerprint}
-    ]
+    env
   end
 
   @doc "The `dspex-proc` executable that the mix compiler puts under the app's `priv/bin`."
@@ -259,7 +255,7 @@ defmodule DSPexProcess.Worker do
   end
 
   defp check_port_child(os_pid, id, registry) do
-    if Native.is_port_child(os_pid) do
+    if Native.port_child?(os_pid) do
       :ok
     else
       :ok = ProcessRegistry.unregister_worker(id, registry)

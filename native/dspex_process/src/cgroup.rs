@@ -16,7 +16,8 @@
 //! The pure parts (mountinfo, `/proc/PID/cgroup`, names) are separate from the small I/O
 //! functions, and tested on their own.
 
-use crate::identity::{Pid, ProcessIdentity};
+use crate::identity::ProcessIdentity;
+use crate::pid::Pid;
 use crate::proc_facts::Stat;
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -654,7 +655,7 @@ pub struct CgroupOrphan {
 pub fn cgroup_orphans(vms: &[VmCgroup]) -> Vec<CgroupOrphan> {
     let mut found = Vec::new();
     let ticks = procfs::ticks_per_second().max(1);
-    let now = crate::classify::uptime_ticks(ticks);
+    let now = crate::proc_facts::uptime_ticks(ticks);
     for vm in vms {
         for raw in vm.as_unit().procs() {
             let Ok(pid) = Pid::new(i64::from(raw)) else {
@@ -663,7 +664,7 @@ pub fn cgroup_orphans(vms: &[VmCgroup]) -> Vec<CgroupOrphan> {
             let Ok(facts) = crate::ProcessFacts::read(pid) else {
                 continue;
             };
-            if facts.state.has_exited() || crate::classify::is_beam(&facts.comm) {
+            if facts.state.has_exited() || crate::proc_facts::is_beam(&facts.comm) {
                 continue;
             }
             let age_ms = now.saturating_sub(facts.start_time) * 1000 / ticks;

@@ -1,9 +1,14 @@
 //! The classification table of DESIGN.md, one process at a time. Rows are tried top to
 //! bottom; the first that fits decides.
 
-use crate::identity::{Pid, ProcessIdentity};
+use crate::ancestry::{ancestors, Walk};
+/// The ancestry types classification works with, from the layer below.
+pub use crate::ancestry::{ProcInfo, ProcLookup, ProcessLookup, Seen};
+use crate::identity::ProcessIdentity;
+use crate::pid::Pid;
+pub use crate::proc_facts::{is_beam, uptime_ticks};
 use crate::scan::{scan, Candidate, Pattern};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 /// Why an orphan is one.
@@ -50,45 +55,6 @@ impl OrphanReason {
     }
 }
 
-/// The little that classification needs to know about an ancestor or an owner.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcInfo {
-    pub ppid: i32,
-    pub start_time: u64,
-    pub comm: String,
-    /// It has exited (zombie or dead, no thread left): a zombie keeps its name and start
-    /// time until it is reaped, but it owns nothing any more.
-    pub exited: bool,
-}
-
-/// What a lookup of one pid found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Seen {
-    Found(ProcInfo),
-    /// No process has this pid (the kernel says so: ESRCH).
-    Gone,
-    /// The process exists but cannot be read (`hidepid`, EACCES, out of descriptors):
-    /// nothing about it is known, so nothing may be concluded from it.
-    Hidden,
-}
-
-/// Looks processes up by pid (from `/proc` in production, from a table in unit tests).
-pub trait ProcessLookup {
-    fn get(&mut self, pid: i32) -> Seen;
-}
-
-/// How far the walk up the parents went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Walk {
-    /// Up to PID 1 (or a process without a parent).
-    Complete,
-    /// An ancestor exited this instant: the chain is cut by a race, not by a wall.
-    Broken,
-    /// An ancestor exists but cannot be read, or the chain is longer than we follow: what
-    /// lies above is unknown (it may be a live VM).
-    Hidden,
-}
-
 /// Who is looking: the VM (or nothing, for the CLI) and what it knows to be in use.
 #[derive(Debug, Clone, Default)]
 pub struct Viewpoint {
@@ -116,7 +82,6 @@ pub struct Context {
     pub pid_ns: Option<u64>,
 }
 
-const MAX_ANCESTRY: usize = 64;
 /// Process names that adopt orphans besides PID 1 (`PR_SET_CHILD_SUBREAPER` users).
 const KNOWN_SUBREAPERS: &[&str] = &[
     "systemd",
@@ -126,12 +91,6 @@ const KNOWN_SUBREAPERS: &[&str] = &[
     "catatonit",
     "s6-svscan",
 ];
-
-/// Whether a process name is an Erlang VM's (`beam.smp`, or `beam` on old builds).
-pub fn is_beam(comm: &str) -> bool {
-    // beam.smp, and the emulator flavours: beam.debug.smp, beam.asan.smp, beam.lcnt.smp...
-    comm.starts_with("beam")
-}
 
 impl Context {
     /// Registered here with a live worker (same start time), or the OS process of one of
@@ -214,7 +173,7 @@ pub fn classify(candidate: &Candidate, ctx: &Context, lookup: &mut impl ProcessL
     }
     let direct_port_child = match (ctx.view.beam, ancestry.first()) {
         (Some(beam), Some((_, parent))) => {
-            parent.comm == "erl_child_setup" && parent.ppid == beam.pid.as_raw()
+            crate::proc_facts::is_port_helper_of(&parent.comm, parent.ppid, beam.pid.as_raw())
         }
         _ => false,
     };
@@ -286,54 +245,6 @@ pub fn detect(pattern: &Pattern, view: Viewpoint) -> Vec<Detection> {
         .collect()
 }
 
-/// Clock ticks since boot, the unit of process start times.
-pub fn uptime_ticks(ticks_per_second: u64) -> u64 {
-    std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0, |secs| (secs * ticks_per_second as f64) as u64)
-}
-
-/// `(pid, info)` from the parent up to (and including) PID 1, and how far the walk got.
-/// PID 1 ends the walk even when it cannot be read: it is init, whatever else it is.
-fn ancestors(ppid: i32, lookup: &mut impl ProcessLookup) -> (Vec<(i32, ProcInfo)>, Walk) {
-    let mut chain = Vec::new();
-    let mut next = ppid;
-    while next > 0 {
-        if chain.len() >= MAX_ANCESTRY {
-            return (chain, Walk::Hidden);
-        }
-        let info = match lookup.get(next) {
-            Seen::Found(info) => info,
-            Seen::Hidden if next == 1 => break,
-            Seen::Hidden => return (chain, Walk::Hidden),
-            Seen::Gone => return (chain, Walk::Broken),
-        };
-        let parent = info.ppid;
-        chain.push((next, info));
-        if next == 1 {
-            break;
-        }
-        next = parent;
-    }
-    (chain, Walk::Complete)
-}
-
-/// Reads ancestors from `/proc`, remembering what it read during one classification pass.
-#[derive(Default)]
-pub struct ProcLookup {
-    cache: HashMap<i32, Seen>,
-}
-
-impl ProcessLookup for ProcLookup {
-    fn get(&mut self, pid: i32) -> Seen {
-        self.cache
-            .entry(pid)
-            .or_insert_with(|| read_proc_info(pid))
-            .clone()
-    }
-}
-
 /// What is known of the BEAM a marker names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OwnerState {
@@ -360,21 +271,6 @@ pub fn owner_state(owner: &ProcessIdentity, lookup: &mut impl ProcessLookup) -> 
     }
 }
 
-fn read_proc_info(pid: i32) -> Seen {
-    match crate::Stat::read(pid) {
-        Ok(stat) => Seen::Found(ProcInfo {
-            ppid: stat.ppid,
-            start_time: stat.start_time,
-            exited: stat.has_exited(),
-            comm: stat.comm,
-        }),
-        // With hidepid, another user's /proc/PID does not exist for us: only the kernel's
-        // ESRCH says the process is gone.
-        Err(crate::Error::NoSuchProcess(_)) if !pid_exists(pid) => Seen::Gone,
-        Err(_) => Seen::Hidden,
-    }
-}
-
 pub use crate::sys::pid_exists;
 
 #[cfg(test)]
@@ -383,6 +279,7 @@ mod tests {
     use crate::markers::Markers;
     use crate::proc_facts::{ProcessFacts, ProcessState};
     use crate::scan::MarkerRead;
+    use std::collections::HashMap;
 
     const BEAM: i32 = 100;
     const HELPER: i32 = 101;

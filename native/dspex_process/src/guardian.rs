@@ -9,7 +9,8 @@
 //! This module holds the pure part (the list and its protocol) and the watch on the VM; the
 //! CLI runs the loop.
 
-use crate::identity::{Pid, ProcessIdentity};
+use crate::identity::ProcessIdentity;
+use crate::pid::Pid;
 use crate::terminate::{self, Outcome, TerminateOptions};
 use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -22,12 +23,18 @@ pub enum Notice {
     Registered(ProcessIdentity),
     /// `- PID START`: the process is over (ended, or handed off on purpose).
     Over(ProcessIdentity),
+    /// `.`: the VM's guardian process stops on purpose (it ended what it had, or another
+    /// guard takes over): exit at stdin's end without signalling anything.
+    StandDown,
 }
 
 impl Notice {
     /// Parses one line; `None` for anything malformed (ignored, never acted on).
     pub fn parse(line: &[u8]) -> Option<Notice> {
         let text = std::str::from_utf8(line).ok()?.trim();
+        if text == "." {
+            return Some(Notice::StandDown);
+        }
         let mut parts = text.split_ascii_whitespace();
         let sign = parts.next()?;
         let pid = Pid::new(parts.next()?.parse().ok()?).ok()?;
@@ -48,6 +55,7 @@ impl Notice {
         let (sign, id) = match self {
             Notice::Registered(id) => ('+', id),
             Notice::Over(id) => ('-', id),
+            Notice::StandDown => return ".\n".to_string(),
         };
         format!("{sign} {} {}\n", id.pid, id.start_time)
     }
@@ -58,6 +66,7 @@ impl Notice {
 pub struct Watchlist {
     tracked: HashSet<ProcessIdentity>,
     partial: Vec<u8>,
+    stand_down: bool,
 }
 
 impl Watchlist {
@@ -78,6 +87,7 @@ impl Watchlist {
                 Some(Notice::Over(id)) => {
                     self.tracked.remove(&id);
                 }
+                Some(Notice::StandDown) => self.stand_down = true,
                 None => {}
             }
             consumed += end + 1;
@@ -91,6 +101,11 @@ impl Watchlist {
 
     pub fn len(&self) -> usize {
         self.tracked.len()
+    }
+
+    /// Whether the VM said it stops its guardian on purpose (see [`Notice::StandDown`]).
+    pub fn stood_down(&self) -> bool {
+        self.stand_down
     }
 
     pub fn is_empty(&self) -> bool {
@@ -218,6 +233,20 @@ mod tests {
         }
         let n = Notice::Registered(id(42, 7));
         assert_eq!(Notice::parse(n.line().trim_end().as_bytes()), Some(n));
+    }
+
+    #[test]
+    fn a_stand_down_line_is_remembered_and_nothing_else_is() {
+        let mut list = Watchlist::new();
+        list.feed(b"+ 10 1\n. extra\n");
+        assert!(
+            !list.stood_down(),
+            "only a line that is exactly a dot stands down"
+        );
+        list.feed(b" .\r\n");
+        assert!(list.stood_down());
+        assert_eq!(list.len(), 1, "standing down forgets nothing");
+        assert_eq!(Notice::StandDown.line(), ".\n");
     }
 
     #[test]

@@ -1,40 +1,6 @@
-use crate::error::{Error, Result};
+use crate::error::Result;
+pub use crate::pid::Pid;
 use crate::proc_facts::ProcessFacts;
-use std::fmt;
-
-/// A process id that can name a target: always greater than 1 (never "all processes",
-/// never a process group by sign, never init).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Pid(i32);
-
-impl Pid {
-    /// Validates a raw integer. Rejects 0, negatives (which `kill(2)` reads as groups or
-    /// "everything"), 1 (init) and values past `i32::MAX`.
-    pub fn new(raw: i64) -> Result<Pid> {
-        if raw > 1 && raw <= i64::from(i32::MAX) {
-            Ok(Pid(raw as i32))
-        } else {
-            Err(Error::InvalidPid(raw))
-        }
-    }
-
-    /// A pid the kernel reported (a ppid, a /proc entry): positive, possibly 1. Used for
-    /// reading facts, never taken from user input.
-    pub fn from_kernel(raw: i32) -> Option<Pid> {
-        (raw > 0).then_some(Pid(raw))
-    }
-
-    /// The pid as the kernel's type.
-    pub fn as_raw(self) -> i32 {
-        self.0
-    }
-}
-
-impl fmt::Display for Pid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// A process as it is identified everywhere in this library: its pid plus its start time
 /// (`/proc/PID/stat` field 22, clock ticks since boot). Two processes that share a pid at
@@ -62,6 +28,7 @@ impl ProcessIdentity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use std::process::Command;
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`Registry`]: the concurrent worker registry, generic over the key, the owner handle
 //!   and the monitor handle, so the NIF can back it with Erlang terms and pids.
 
+mod ancestry;
 pub mod cgroup;
 pub mod classify;
 mod error;
@@ -17,6 +18,7 @@ pub mod guardian;
 mod identity;
 pub mod markers;
 pub mod metrics;
+mod pid;
 pub mod policy;
 mod proc_facts;
 #[cfg(test)]
@@ -29,8 +31,12 @@ pub mod terminate;
 mod test_util;
 
 pub use error::{Error, Result};
-pub use identity::{Pid, ProcessIdentity};
-pub use proc_facts::{read_uid, ProcessFacts, ProcessState, Stat};
+pub use identity::ProcessIdentity;
+pub use pid::Pid;
+pub use proc_facts::{
+    is_beam, is_port_child_of, read_uid, uptime_ticks, ProcessFacts, ProcessState, Stat,
+    PORT_HELPER,
+};
 pub use registry::{DetachedKeys, Registry, RegistryStats, WorkerEntry};
 
 pub use sys::lower_thread_priority;

@@ -4,7 +4,8 @@
 #[cfg(test)]
 use crate::error::Error;
 use crate::error::Result;
-use crate::identity::{Pid, ProcessIdentity};
+use crate::identity::ProcessIdentity;
+use crate::pid::Pid;
 
 /// The BEAM's OS pid.
 pub const OWNER_PID: &str = "DSPEX_OWNER_PID";

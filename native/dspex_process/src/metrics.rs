@@ -19,7 +19,7 @@ pub struct ProcessMetrics {
 pub fn read_metrics(identities: &[ProcessIdentity]) -> Vec<Option<ProcessMetrics>> {
     let ticks = procfs::ticks_per_second().max(1);
     let page = procfs::page_size();
-    let now = crate::classify::uptime_ticks(ticks);
+    let now = crate::proc_facts::uptime_ticks(ticks);
     identities
         .iter()
         .map(|id| {
@@ -38,7 +38,7 @@ pub fn read_metrics(identities: &[ProcessIdentity]) -> Vec<Option<ProcessMetrics
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::Pid;
+    use crate::pid::Pid;
     use crate::test_util::{script_named, unique_tag, PYTHON};
 
     #[test]

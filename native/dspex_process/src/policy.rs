@@ -4,7 +4,6 @@
 //! [`crate::terminate`].
 
 use crate::classify::Class;
-use crate::terminate::Outcome;
 use std::collections::HashSet;
 
 /// The reason of a process found in the cgroup of a dead VM, whatever its argv.
@@ -137,16 +136,6 @@ pub enum Tally {
     Failed,
 }
 
-impl From<&Outcome> for Tally {
-    fn from(outcome: &Outcome) -> Tally {
-        match outcome {
-            Outcome::Graceful | Outcome::ForceKilled => Tally::Ended,
-            Outcome::AlreadyGone => Tally::AlreadyGone,
-            _ => Tally::Failed,
-        }
-    }
-}
-
 /// The counts of a cleanup report.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Report {
@@ -224,6 +213,7 @@ mod tests {
         assert_eq!(Health::of(1, 11), Health::Good);
         assert_eq!(Health::of(1, 5), Health::Degraded);
         assert_eq!(Health::of(2, 5), Health::Critical);
+        use crate::terminate::Outcome;
         let tallies = [
             Tally::from(&Outcome::Graceful),
             Tally::from(&Outcome::ForceKilled),

@@ -1,5 +1,5 @@
 use crate::error::{Error, Result};
-use crate::identity::Pid;
+use crate::pid::Pid;
 use std::io::Read;
 
 /// The scheduler state of a process, from `/proc/PID/stat` field 3.
@@ -298,6 +298,37 @@ pub(crate) fn split_cmdline(bytes: &[u8]) -> Vec<String> {
         .filter(|arg| !arg.is_empty())
         .map(|arg| String::from_utf8_lossy(arg).into_owned())
         .collect()
+}
+
+/// The name of the helper through which a VM starts its port programs.
+pub const PORT_HELPER: &str = "erl_child_setup";
+
+/// Whether a process with this name and parent is the port helper of the VM `beam_pid`.
+pub fn is_port_helper_of(comm: &str, ppid: i32, beam_pid: i32) -> bool {
+    comm == PORT_HELPER && ppid == beam_pid
+}
+
+/// Whether `pid` is a port program of the VM `beam_pid`: its parent is that VM's port
+/// helper. Two `/proc/PID/stat` reads.
+pub fn is_port_child_of(pid: i32, beam_pid: i32) -> bool {
+    let Ok(child) = Stat::read(pid) else {
+        return false;
+    };
+    matches!(Stat::read(child.ppid), Ok(helper) if is_port_helper_of(&helper.comm, helper.ppid, beam_pid))
+}
+
+/// Whether a process name is an Erlang VM's (`beam.smp`, or `beam` on old builds).
+pub fn is_beam(comm: &str) -> bool {
+    // beam.smp, and the emulator flavours: beam.debug.smp, beam.asan.smp, beam.lcnt.smp...
+    comm.starts_with("beam")
+}
+
+/// Clock ticks since boot, the unit of process start times.
+pub fn uptime_ticks(ticks_per_second: u64) -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0, |secs| (secs * ticks_per_second as f64) as u64)
 }
 
 #[cfg(test)]

@@ -442,7 +442,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::Pid;
+    use crate::pid::Pid;
     use std::collections::HashSet;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};

@@ -1,9 +1,9 @@
 //! Finding candidate worker processes in `/proc` by a literal argv pattern.
 
 use crate::error::{Error, Result};
-use crate::identity::Pid;
 use crate::markers::Markers;
-use crate::proc_facts::{all_pids, ProcessFacts, Stat};
+use crate::pid::Pid;
+use crate::proc_facts::{all_pids, ProcessFacts};
 use std::io::Read;
 
 /// The default pattern: the DSPex bridge script.
@@ -243,7 +243,7 @@ impl Candidate {
         let facts = ProcessFacts::read(pid).ok()?;
         // A VM is never a worker, even when a worker's script path is among its arguments;
         // nor is any of the library's own tools (a cleaner's `--pattern P`).
-        if crate::classify::is_beam(&facts.comm) || is_own_tool(&facts.comm, &facts.cmdline) {
+        if crate::proc_facts::is_beam(&facts.comm) || is_own_tool(&facts.comm, &facts.cmdline) {
             return None;
         }
         // Exited processes have no argv left to match; scan() only reaches them in the
@@ -273,20 +273,6 @@ impl Candidate {
     }
 }
 
-/// The calling process and every ancestor up to PID 1.
-pub fn caller_and_ancestors() -> Vec<i32> {
-    let mut chain = vec![std::process::id() as i32];
-    let mut next = nix::unistd::getppid().as_raw();
-    while next > 1 && !chain.contains(&next) && chain.len() < 256 {
-        chain.push(next);
-        next = match Stat::read(next) {
-            Ok(stat) => stat.ppid,
-            Err(_) => break,
-        };
-    }
-    chain
-}
-
 /// Every live process whose argv matches `pattern`. Processes that vanish while being
 /// read are skipped; so are kernel threads and processes still inside `exec` (empty argv).
 /// The caller and its ancestors are never candidates, even when their argv holds the
@@ -295,7 +281,7 @@ pub fn caller_and_ancestors() -> Vec<i32> {
 /// Reading every `/proc/PID/cmdline` is the whole cost of a scan, so the pids are split
 /// across the machine's cores.
 pub fn scan(pattern: &Pattern) -> Vec<Candidate> {
-    let caller = caller_and_ancestors();
+    let caller = crate::ancestry::caller_and_ancestors();
     let pids: Vec<i32> = all_pids()
         .into_iter()
         .filter(|pid| *pid > 1 && !caller.contains(pid))
@@ -368,6 +354,7 @@ fn open_cmdline(proc_dir: &std::fs::File, pid: i32) -> Option<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proc_facts::Stat;
     use crate::test_util::{eventually, spawn_python, unique_tag};
     use std::time::Duration;
 

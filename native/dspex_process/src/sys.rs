@@ -5,7 +5,7 @@
 //! (Linux 6.9), whose flags argument neither crate exposes. Errors are plain errnos
 //! (`i32`), the unit the rest of the core reports in.
 
-use crate::identity::Pid;
+use crate::pid::Pid;
 use rustix::event::{PollFd, PollFlags};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 

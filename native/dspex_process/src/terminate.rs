@@ -37,7 +37,8 @@
 
 use crate::cgroup::{self, Hierarchy, Unit, VmCgroup};
 use crate::error::Error;
-use crate::identity::{Pid, ProcessIdentity};
+use crate::identity::ProcessIdentity;
+use crate::pid::Pid;
 #[cfg(test)]
 use crate::proc_facts::ProcessFacts;
 use crate::proc_facts::{all_pids, read_uid, Stat};
@@ -123,6 +124,17 @@ pub enum Outcome {
     Unverifiable(i32),
 }
 
+/// The policy counts an outcome as ended, already gone, or failed.
+impl From<&Outcome> for crate::policy::Tally {
+    fn from(outcome: &Outcome) -> crate::policy::Tally {
+        match outcome {
+            Outcome::Graceful | Outcome::ForceKilled => crate::policy::Tally::Ended,
+            Outcome::AlreadyGone => crate::policy::Tally::AlreadyGone,
+            _ => crate::policy::Tally::Failed,
+        }
+    }
+}
+
 /// What the caller is, for the refusals.
 struct Caller {
     pid: i32,
@@ -133,7 +145,7 @@ struct Caller {
 
 impl Caller {
     fn current() -> Caller {
-        let mut chain = crate::scan::caller_and_ancestors();
+        let mut chain = crate::ancestry::caller_and_ancestors();
         let pid = chain.remove(0);
         Caller {
             pid,
@@ -269,7 +281,7 @@ impl Pinned {
                 ppid: stat.ppid,
                 pgid: stat.pgid,
                 uid,
-                vm: crate::classify::is_beam(&stat.comm),
+                vm: crate::proc_facts::is_beam(&stat.comm),
             },
         ))
     }
@@ -322,7 +334,7 @@ impl Pinned {
         let raw = self.identity.pid.as_raw();
         match Stat::read(raw) {
             Ok(s) => Ok(s.start_time == self.identity.start_time && !s.has_exited()),
-            Err(Error::NoSuchProcess(_)) if !crate::classify::pid_exists(raw) => Ok(false),
+            Err(Error::NoSuchProcess(_)) if !sys::pid_exists(raw) => Ok(false),
             Err(Error::NoSuchProcess(_)) => Err(libc::EACCES),
             Err(e) => Err(e.errno()),
         }
@@ -340,7 +352,7 @@ impl Pinned {
 fn exists(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
     match pidfd {
         Some(fd) => !sys::poll_exited(&[fd.as_fd()], 0)[0],
-        None => crate::classify::pid_exists(pid),
+        None => sys::pid_exists(pid),
     }
 }
 

@@ -38,8 +38,10 @@ pub struct GuardArgs {
 
 /// How often the list forgets processes that are gone.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
-/// After stdin closes, how long the VM has to finish dying before it counts as alive.
-const EOF_EXIT_WAIT: Duration = Duration::from_secs(2);
+/// After stdin closes without the VM standing its guard down, how often to look again: the
+/// VM is dying (its teardown may take a while under load), or its guardian process was
+/// killed outright; either way this guard stays until the VM is gone.
+const EOF_RECHECK: Duration = Duration::from_secs(60);
 
 fn say(text: &str) {
     // stderr may be a pipe whose reader died with the VM: never fail on it.
@@ -129,7 +131,14 @@ pub fn guard(args: GuardArgs) -> ExitCode {
     }
 }
 
-/// Reads notices until the VM dies (true) or stdin closes while the VM lives (false).
+/// Waits for the VM to exit, however long that takes; true once it has.
+fn wait_for_exit(watch: &VmWatch) -> bool {
+    while !watch.wait_exit(EOF_RECHECK) {}
+    true
+}
+
+/// Reads notices until the VM dies (true), or until stdin closes after the VM stood its
+/// guard down (false). Stdin closing without that means the VM is dying: wait for it.
 fn follow(watch: &VmWatch, list: &mut Watchlist) -> bool {
     let stdin = std::io::stdin();
     let mut buf = vec![0u8; 64 * 1024];
@@ -165,7 +174,7 @@ fn follow(watch: &VmWatch, list: &mut Watchlist) -> bool {
                 Ok(n) if n > 0 => list.feed(&buf[..n]),
                 Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => {}
                 // stdin closed: the VM is dying, or its guardian process stopped.
-                _ => return watch.wait_exit(EOF_EXIT_WAIT),
+                _ => return !list.stood_down() && wait_for_exit(watch),
             }
         }
         if Instant::now() >= next_prune {

@@ -3,7 +3,7 @@
 //! `cgroup.procs` can wait on a kernel lock for milliseconds.
 
 use crate::atom;
-use crate::detection::this_beam;
+use crate::process_info::this_beam;
 use dspex_process::cgroup::{self, Entered, VmCgroup};
 use dspex_process::markers::own_pid_namespace;
 use dspex_process::{Pid, ProcessIdentity};

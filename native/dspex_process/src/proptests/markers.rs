@@ -3,8 +3,9 @@
 //! ones.
 
 use super::{bytes_with, check};
-use crate::identity::{Pid, ProcessIdentity};
+use crate::identity::ProcessIdentity;
 use crate::markers::{self, parse_environ, Markers};
+use crate::pid::Pid;
 use proptest::collection::vec;
 use proptest::prelude::*;
 

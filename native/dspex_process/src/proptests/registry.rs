@@ -5,7 +5,8 @@
 //! Owners can be dead when they register, as on the BEAM.
 
 use super::check;
-use crate::identity::{Pid, ProcessIdentity};
+use crate::identity::ProcessIdentity;
+use crate::pid::Pid;
 use crate::{Registry, RegistryStats, WorkerEntry};
 use proptest::collection::vec;
 use proptest::prelude::*;
