@@ -309,7 +309,7 @@ defmodule DSPexProcess.ReliabilityTest do
             1
           )
         rescue
-          ArgumentError -> :badarg
+          e in [ArgumentError, ErlangError] -> e
         end
       end
 
