@@ -205,7 +205,9 @@ else
   echo "🔧 Manual cleanup mode (dspex-proc not found: build it with mix compile, or pass --cli PATH)"
 fi
 
-# Field N (counted from 1 like proc(5)) of /proc/PID/stat, counted past the command name.
+# Manual mode runs where dspex-proc does not: this is a separate, minimal reading of
+# /proc/PID/stat (the library's parser is in the Rust core), kept to the three fields this
+# mode needs. Field N (counted from 1 like proc(5)), counted past the command name.
 stat_field() {
   local stat rest
   stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1

@@ -36,7 +36,13 @@ defmodule DSPexProcess.Test.OSProcess do
     {port, os_pid}
   end
 
-  @doc "Field 22 of /proc/PID/stat, counted from the last `)`."
+  @doc """
+  Field 22 of /proc/PID/stat, counted from the last `)`.
+
+  The tests read `/proc` with this small parser of their own on purpose: they judge the
+  library's identity checks, so they do not reuse the core's parser (a shared bug would
+  hide itself). The library has one parser, in the Rust core.
+  """
   def start_time(os_pid) do
     stat = File.read!("/proc/#{os_pid}/stat")
     [_, rest] = Regex.run(~r/\)([^)]*)$/s, stat)
