@@ -43,6 +43,8 @@ use crate::pid::Pid;
 use crate::proc_facts::ProcessFacts;
 use crate::proc_facts::{all_pids, read_uid, Stat};
 use crate::sys;
+/// A typed errno (nix's), for the outcomes that carry the kernel's answer.
+pub use nix::errno::Errno;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -118,10 +120,10 @@ pub enum Outcome {
     /// Still there `kill_wait` after SIGKILL (stopped under ptrace, uninterruptible sleep).
     StillAlive,
     /// The kernel refused the signal (e.g. EPERM).
-    SignalFailed(i32),
+    SignalFailed(Errno),
     /// Its identity or liveness could not be read (the errno: EMFILE, EACCES under hidepid,
     /// ...): nothing is known, so nothing was sent, or its end could not be confirmed.
-    Unverifiable(i32),
+    Unverifiable(Errno),
 }
 
 /// The policy counts an outcome as ended, already gone, or failed.
@@ -259,8 +261,8 @@ impl Pinned {
         let unreadable = |e: Error| match e {
             Error::NoSuchProcess(_) if !exists(raw, pidfd.as_ref()) => Outcome::AlreadyGone,
             // hidepid hides a live process as ENOENT: it exists, we cannot read it.
-            Error::NoSuchProcess(_) => Outcome::Unverifiable(libc::EACCES),
-            e => Outcome::Unverifiable(e.errno()),
+            Error::NoSuchProcess(_) => Outcome::Unverifiable(Errno::EACCES),
+            e => Outcome::Unverifiable(Errno::from_raw(e.errno())),
         };
         // Read after the pidfd is open: if the start time still matches, the pidfd names it.
         let stat = Stat::read(raw).map_err(unreadable)?;
@@ -446,10 +448,10 @@ impl Job {
     fn outcome(&self) -> Outcome {
         let unknown = self.everyone_ref().find_map(|p| p.unknown);
         match (self.failed, self.gone_first, self.all_exited()) {
-            (Some(errno), _, _) => Outcome::SignalFailed(errno),
+            (Some(errno), _, _) => Outcome::SignalFailed(Errno::from_raw(errno)),
             (None, true, true) => Outcome::AlreadyGone,
             (None, _, false) => match self.unverified.or(unknown) {
-                Some(errno) => Outcome::Unverifiable(errno),
+                Some(errno) => Outcome::Unverifiable(Errno::from_raw(errno)),
                 None => Outcome::StillAlive,
             },
             (None, false, true) if self.killed => Outcome::ForceKilled,

@@ -448,8 +448,8 @@ fn outcome_name(outcome: &Outcome) -> (Tally, String) {
         Outcome::AlreadyGone => "already_gone".into(),
         Outcome::Refused(r) => r.name().into(),
         Outcome::StillAlive => "still_alive".into(),
-        Outcome::SignalFailed(errno) => format!("signal_failed (errno {errno})"),
-        Outcome::Unverifiable(errno) => format!("unverifiable (errno {errno})"),
+        Outcome::SignalFailed(errno) => format!("signal_failed ({})", errno.desc()),
+        Outcome::Unverifiable(errno) => format!("unverifiable ({})", errno.desc()),
     };
     (Tally::from(outcome), name)
 }

@@ -87,10 +87,10 @@ fn encode_outcome(env: Env, outcome: Outcome) -> Term {
         Outcome::StillAlive => (atoms::error(), atoms::still_alive()).encode(env),
         Outcome::Refused(r) => (atoms::error(), atom(env, r.name())).encode(env),
         Outcome::SignalFailed(errno) => {
-            (atoms::error(), (atoms::signal_failed(), errno)).encode(env)
+            (atoms::error(), (atoms::signal_failed(), errno as i32)).encode(env)
         }
         Outcome::Unverifiable(errno) => {
-            (atoms::error(), (atoms::unverifiable(), errno)).encode(env)
+            (atoms::error(), (atoms::unverifiable(), errno as i32)).encode(env)
         }
     }
 }
