@@ -285,8 +285,11 @@ for dir in /proc/[0-9]*; do
   [[ "$pgid" == "$self_pgid" ]] && continue
   state="$(stat_field "$pid" 3)" || continue
   [[ "$state" == "Z" || "$state" == "X" ]] && continue
-  matches_pattern "$pid" || continue
+  # The start time is read before the argv and checked again after it: the argv read was
+  # of that very process, not of one that took its pid meanwhile.
   start="$(stat_field "$pid" 22)" || continue
+  matches_pattern "$pid" || continue
+  [[ "$(stat_field "$pid" 22)" == "$start" ]] || continue
   pids+=("$pid")
   starts+=("$start")
 done

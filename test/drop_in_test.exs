@@ -31,6 +31,19 @@ defmodule DSPexProcess.DropInTest do
   end
   """
 
+  # The client's configuration. The reference's call forms run for real in these tests
+  # (cleanup_orphaned_processes(nil) is a full cleanup), so the detector's defaults scope
+  # them to this run's bridge; the VM-stop scenarios turn the OS guardian off, so that what
+  # they prove is the stop's own doing.
+  @config """
+  import Config
+  bridge = System.get_env("DSPEX_BRIDGE", "dspy_bridge.py")
+  config :dspex_process, :detector, pattern: Path.basename(bridge), cgroups: false
+
+  config :dspex_process, :guardian,
+    os_guardian: System.get_env("DSPEX_OS_GUARDIAN", "true") == "true"
+  """
+
   @application """
   defmodule DSPex.Application do
     use Application
@@ -118,7 +131,7 @@ defmodule DSPexProcess.DropInTest do
   defmodule DSPexClientDriver do
     def main do
       wait_pool(String.to_integer(System.fetch_env!("DSPEX_POOL_SIZE")))
-      say("READY \#{System.pid()} \#{DSPexProcess.Guardian.status().os_guardian} \#{pids()}")
+      say("READY \#{System.pid()} \#{DSPexProcess.Guardian.status().os_guardian || 0} \#{pids()}")
       loop()
     end
 
@@ -187,6 +200,8 @@ defmodule DSPexProcess.DropInTest do
   setup_all do
     dir = Path.join(System.tmp_dir!(), "dspex_client_#{System.unique_integer([:positive])}")
     File.mkdir_p!(Path.join(dir, "lib/dspex/python"))
+    File.mkdir_p!(Path.join(dir, "config"))
+    File.write!(Path.join(dir, "config/config.exs"), @config)
     File.write!(Path.join(dir, "mix.exs"), String.replace(@mix_exs, "ROOT", inspect(@root)))
     File.write!(Path.join(dir, "lib/dspex/application.ex"), @application)
     File.write!(Path.join(dir, "lib/dspex/python/pool.ex"), @pool)
@@ -247,24 +262,19 @@ defmodule DSPexProcess.DropInTest do
   end
 
   test "GenServer.stop of a worker (its terminate/2 runs) ends its Python process", ctx do
-    client = boot(ctx)
-    [{"worker_1", old} | others] = client.pythons
-    send_line(client, "gen_stop")
-    assert await(client, "DONE")
-    assert_all_gone([{"worker_1", old}])
-    # The restarted worker and the others keep running.
-    [{"worker_1", new} | _] = pythons(client)
-    assert new != old
-    Process.sleep(@left_within)
-    for {_, id} <- [{"worker_1", new} | others], do: assert(alive?(id))
-    assert_untouched(ctx)
-    stop_politely(client, ctx)
+    stop_one_worker(ctx, "gen_stop")
   end
 
   test "Process.exit(worker, :kill) ends its Python process; the restarted one runs", ctx do
+    stop_one_worker(ctx, "kill_worker")
+  end
+
+  # worker_1 is stopped by `command`; its supervisor starts another. The old Python process
+  # goes; the new one and the other workers' keep running.
+  defp stop_one_worker(ctx, command) do
     client = boot(ctx)
     [{"worker_1", old} | others] = client.pythons
-    send_line(client, "kill_worker")
+    send_line(client, command)
     assert await(client, "DONE")
     assert_all_gone([{"worker_1", old}])
     [{"worker_1", new} | _] = pythons(client)
@@ -276,23 +286,21 @@ defmodule DSPexProcess.DropInTest do
   end
 
   test "System.stop/0 ends every Python process before the VM exits", ctx do
-    client = boot(ctx)
+    client = boot(ctx, os_guardian: false)
     send_line(client, "system_stop")
     assert_receive {port, {:exit_status, 0}} when port == client.port, 30_000
     # Gone before the VM exited: ended by the stop itself, not by the OS guardian after it.
     for {_, id} <- client.pythons, do: refute(alive?(id))
-    assert_gone(client.guardian, "the OS guardian")
     assert_untouched(ctx)
   end
 
   test "SIGTERM to the VM stops it normally: every Python process ends before it exits", ctx do
-    client = boot(ctx)
+    client = boot(ctx, os_guardian: false)
     {beam, beam_start} = client.beam
     assert alive?(beam, beam_start)
     {_, 0} = System.cmd("kill", ["-TERM", Integer.to_string(beam)])
     assert_receive {port, {:exit_status, _}} when port == client.port, 30_000
     for {_, id} <- client.pythons, do: refute(alive?(id))
-    assert_gone(client.guardian, "the OS guardian")
     assert_untouched(ctx)
   end
 
@@ -308,7 +316,7 @@ defmodule DSPexProcess.DropInTest do
 
   # The client VM
 
-  defp boot(%{dir: dir, script: script}) do
+  defp boot(%{dir: dir, script: script}, opts \\ []) do
     mix = System.find_executable("mix")
 
     port =
@@ -320,7 +328,8 @@ defmodule DSPexProcess.DropInTest do
         env: [
           {~c"MIX_ENV", ~c"dev"},
           {~c"DSPEX_BRIDGE", String.to_charlist(script)},
-          {~c"DSPEX_POOL_SIZE", ~c"#{@pool_size}"}
+          {~c"DSPEX_POOL_SIZE", ~c"#{@pool_size}"},
+          {~c"DSPEX_OS_GUARDIAN", ~c"#{Keyword.get(opts, :os_guardian, true)}"}
         ],
         args: ["run", "-e", "DSPexClientDriver.main()"]
       ])
@@ -331,6 +340,8 @@ defmodule DSPexProcess.DropInTest do
     # A failed test must not leave its client running.
     on_exit(fn -> if alive?(beam, beam_start), do: kill9(beam, beam_start) end)
     guardian = String.to_integer(guardian)
+    # The VM-stop scenarios run without an OS guardian (0).
+    assert guardian > 0 == Keyword.get(opts, :os_guardian, true)
     pythons = parse_pids(pids)
     assert length(pythons) == @pool_size
     for {_, id} <- pythons, do: assert(alive?(id))
@@ -338,7 +349,7 @@ defmodule DSPexProcess.DropInTest do
     %{
       port: port,
       beam: {beam, beam_start},
-      guardian: {guardian, start_time(guardian)},
+      guardian: if(guardian > 0, do: {guardian, start_time(guardian)}),
       pythons: pythons
     }
   end

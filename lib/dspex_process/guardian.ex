@@ -192,6 +192,8 @@ defmodule DSPexProcess.Guardian do
       os_pid: nil,
       # identity => {worker_id, due (monotonic ms)}
       pending: %{},
+      # identities verified as this VM's port programs when they registered
+      verified: MapSet.new(),
       timer: nil,
       # watch ref => registrations, newest first
       watches: %{}
@@ -218,10 +220,16 @@ defmodule DSPexProcess.Guardian do
 
   @impl true
   def handle_info({:dspex_registered, {pid, start} = id, worker_id, owner, guarded}, state) do
-    if guarded do
-      tell(state, "+", [id])
-      contain(state, id, worker_id)
-    end
+    # Only a process proven to be this VM's port program is ever ended by the guardian: a
+    # pid that was recycled before the registry read it is someone else's.
+    state =
+      if guarded and Native.port_child_identity?(pid, start) do
+        tell(state, "+", [id])
+        contain(state, id, worker_id)
+        %{state | verified: MapSet.put(state.verified, id)}
+      else
+        state
+      end
 
     {:noreply, record(state, pid, start, worker_id, owner)}
   end
@@ -261,7 +269,7 @@ defmodule DSPexProcess.Guardian do
       end
 
     tell(state, "-", gone)
-    {:noreply, state}
+    {:noreply, %{state | verified: MapSet.difference(state.verified, MapSet.new(gone))}}
   end
 
   def handle_info({port, {:exit_status, status}}, %{port: port} = state) do
@@ -366,9 +374,26 @@ defmodule DSPexProcess.Guardian do
     end
   end
 
+  # The live workers of the guarded registries that are this VM's port programs now.
+  defp verified_live(state) do
+    for {pid, start} = id <- Native.registries_live(ProcessRegistry.running_resources()),
+        MapSet.member?(state.verified, id) or Native.port_child_identity?(pid, start),
+        do: id
+  end
+
   # Releases
 
-  defp release(%{opts: opts} = state, released) do
+  defp release(state, released) do
+    # What was never verified as this VM's port program is not the guardian's to end.
+    case Enum.filter(released, fn {pid, start, _} ->
+           MapSet.member?(state.verified, {pid, start})
+         end) do
+      [] -> state
+      verified -> release_verified(state, verified)
+    end
+  end
+
+  defp release_verified(%{opts: opts} = state, released) do
     if opts[:end_released] do
       due = now() + opts[:release_delay_ms]
 
@@ -385,7 +410,7 @@ defmodule DSPexProcess.Guardian do
         do: Enum.each(ids, fn {pid, start} -> Native.cgroup_dissolve(pid, start) end)
 
       tell(state, "-", ids)
-      state
+      %{state | verified: MapSet.difference(state.verified, MapSet.new(ids))}
     end
   end
 
@@ -462,7 +487,7 @@ defmodule DSPexProcess.Guardian do
   end
 
   defp end_everything(state) do
-    registered = Native.registries_live(ProcessRegistry.running_resources())
+    registered = verified_live(state)
     targets = Enum.uniq(Map.keys(state.pending) ++ registered)
     outcomes = Termination.run(targets, termination_opts(state.opts))
 
@@ -524,12 +549,10 @@ defmodule DSPexProcess.Guardian do
         {:os_pid, os_pid} = Port.info(port, :os_pid)
         state = %{state | port: port, os_pid: os_pid}
         # A restarted guardian learns what is registered now, and what still waits.
-        tell(
-          state,
-          "+",
-          Native.registries_live(ProcessRegistry.running_resources()) ++ Map.keys(state.pending)
-        )
-
+        # A restarted guardian learns what is registered now (verified again as this VM's
+        # port programs), and what still waits.
+        state = %{state | verified: MapSet.new(verified_live(state))}
+        tell(state, "+", MapSet.to_list(state.verified) ++ Map.keys(state.pending))
         state
     end
   end

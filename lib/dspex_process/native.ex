@@ -102,6 +102,7 @@ defmodule DSPexProcess.Native do
     do: not_loaded()
 
   def port_child?(_os_pid), do: not_loaded()
+  def port_child_identity?(_os_pid, _start_time), do: not_loaded()
   def process_metrics(_targets), do: not_loaded()
   def capabilities, do: not_loaded()
   def process_start_time(_pid), do: not_loaded()

@@ -82,11 +82,20 @@ defmodule DSPexProcess.Options do
 
   @doc """
   The options of `DSPex.Python.OrphanDetector` (documented there), validated, with
-  `:pattern` always a list. Shared by the detector, `DSPexProcess.OrphanMonitor`, the
+  `:pattern` always a list. `config :dspex_process, :detector, [...]` gives defaults that
+  the options override. Shared by the detector, `DSPexProcess.OrphanMonitor`, the
   registry's `:cleanup_on_start` and `mix dspex.orphans`.
   """
   @spec detector!(term()) :: keyword()
   def detector!(opts) do
+    # `config :dspex_process, :detector, [...]` sets defaults (a pattern, `cgroups: false`).
+    defaults = Application.get_env(:dspex_process, :detector, [])
+
+    opts =
+      if Keyword.keyword?(defaults) and is_list(opts),
+        do: Keyword.merge(defaults, opts),
+        else: opts
+
     opts
     |> validate!(@detector, "OrphanDetector options")
     |> Keyword.update!(:pattern, &List.wrap/1)

@@ -119,7 +119,7 @@ impl Watchlist {
     /// Forgets the identities that no longer name a live process (one `/proc` read each),
     /// so the list stays the size of what is running.
     pub fn prune(&mut self) {
-        self.tracked.retain(|id| id.is_current());
+        self.tracked.retain(|id| !id.is_gone());
     }
 
     /// Ends every tracked process (TERM, `options.grace`, KILL), each pinned and checked
@@ -163,7 +163,8 @@ impl VmWatch {
     pub fn exited(&self) -> bool {
         match &self.pidfd {
             Some(fd) => crate::sys::poll_exited(&[fd.as_fd()], 0)[0],
-            None => !self.identity.is_current() || self.is_zombie(),
+            // Without a pidfd: gone only when the kernel says so; an unreadable VM lives.
+            None => self.identity.is_gone() || self.is_zombie(),
         }
     }
 

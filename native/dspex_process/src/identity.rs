@@ -23,6 +23,19 @@ impl ProcessIdentity {
     pub fn is_current(&self) -> bool {
         matches!(ProcessFacts::read_start_time(self.pid), Ok(t) if t == self.start_time)
     }
+
+    /// True only when this process is known to be gone: its pid names another process now,
+    /// or the kernel says no process has it (ESRCH). A read that fails otherwise (EACCES,
+    /// hidepid, EMFILE) says nothing, so the process counts as still there.
+    pub fn is_gone(&self) -> bool {
+        match ProcessFacts::read_start_time(self.pid) {
+            Ok(t) => t != self.start_time,
+            Err(crate::error::Error::NoSuchProcess(_)) => {
+                !crate::sys::pid_exists(self.pid.as_raw())
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 #[cfg(test)]

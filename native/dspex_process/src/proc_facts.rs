@@ -311,10 +311,16 @@ pub fn is_port_helper_of(comm: &str, ppid: i32, beam_pid: i32) -> bool {
 /// Whether `pid` is a port program of the VM `beam_pid`: its parent is that VM's port
 /// helper. Two `/proc/PID/stat` reads.
 pub fn is_port_child_of(pid: i32, beam_pid: i32) -> bool {
-    let Ok(child) = Stat::read(pid) else {
-        return false;
-    };
-    matches!(Stat::read(child.ppid), Ok(helper) if is_port_helper_of(&helper.comm, helper.ppid, beam_pid))
+    port_child_start(pid, beam_pid).is_some()
+}
+
+/// The start time of `pid` when it is a port program of the VM `beam_pid`, `None` when it
+/// is not (or cannot be read): a caller compares it with the start time it recorded, so
+/// that a recycled pid is never taken for the port program that had it.
+pub fn port_child_start(pid: i32, beam_pid: i32) -> Option<u64> {
+    let child = Stat::read(pid).ok()?;
+    let helper = Stat::read(child.ppid).ok()?;
+    is_port_helper_of(&helper.comm, helper.ppid, beam_pid).then_some(child.start_time)
 }
 
 /// Whether a process name is an Erlang VM's (`beam.smp`, or `beam` on old builds).

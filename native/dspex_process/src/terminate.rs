@@ -743,7 +743,7 @@ fn unit_for(
         let leaf = unit.dir.file_name()?.to_str()?;
         let named = cgroup::parse_leaf_name(leaf)?;
         let own_vm = own.is_some_and(|o| o.path == vm.path);
-        if own_vm && (named == *target || !named.is_current()) {
+        if own_vm && (named == *target || named.is_gone()) {
             return Some(unit);
         }
         return None;

@@ -165,9 +165,10 @@ fn follow(watch: &VmWatch, list: &mut Watchlist) -> bool {
             }
         };
         if watch.exited() {
-            // Take in what the VM managed to write before it died.
+            // Take in what the VM managed to write before it died: a stand-down among it
+            // (a normal stop that ended everything) still stands.
             drain(&stdin, &mut buf, list);
-            return true;
+            return !list.stood_down();
         }
         if stdin_ready {
             match rustix::io::read(&stdin, &mut buf) {

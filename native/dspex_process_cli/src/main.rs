@@ -102,6 +102,23 @@ struct Selection {
     /// Also treat unmanaged processes (started by hand, parent alive) as orphans.
     #[arg(long)]
     include_unmanaged: bool,
+    /// Skip the pass over dead VMs' cgroups (`cgroup_owner_dead`); also when the environment
+    /// sets DSPEX_PROC_NO_CGROUPS to a non-empty value.
+    #[arg(long)]
+    no_cgroups: bool,
+}
+
+impl Selection {
+    /// The per-VM cgroups of dead VMs to report, unless that pass is off.
+    fn dead_vm_cgroups(&self) -> Vec<cgroup::VmCgroup> {
+        let off = self.no_cgroups
+            || std::env::var_os("DSPEX_PROC_NO_CGROUPS").is_some_and(|v| !v.is_empty());
+        if off {
+            Vec::new()
+        } else {
+            cgroup::dead_vm_cgroups()
+        }
+    }
 }
 
 #[derive(Args)]
@@ -365,7 +382,7 @@ fn status(sel: &Selection, json: bool) -> u8 {
         Err(code) => return code,
     };
     let detections = detect(&pattern);
-    let in_cgroups = cgroup::cgroup_orphans(&cgroup::dead_vm_cgroups());
+    let in_cgroups = cgroup::cgroup_orphans(&sel.dead_vm_cgroups());
     let targets = targets(sel, &detections, &in_cgroups);
     let counts = class_counts(&detections, &targets);
     let health = Health::of(targets.len(), counts.total()).name();
@@ -405,7 +422,7 @@ fn find(sel: &Selection, json: bool) -> u8 {
         Err(code) => return code,
     };
     let detections = detect(&pattern);
-    let in_cgroups = cgroup::cgroup_orphans(&cgroup::dead_vm_cgroups());
+    let in_cgroups = cgroup::cgroup_orphans(&sel.dead_vm_cgroups());
     let targets = targets(sel, &detections, &in_cgroups);
     if json {
         let list: Vec<&Value> = targets.iter().map(|t| &t.json).collect();
@@ -482,7 +499,7 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
         );
     }
     let detections = detect(&pattern);
-    let dead_vms = cgroup::dead_vm_cgroups();
+    let dead_vms = sel.dead_vm_cgroups();
     let in_cgroups = cgroup::cgroup_orphans(&dead_vms);
     let targets = targets(sel, &detections, &in_cgroups);
     let counts = class_counts(&detections, &targets);

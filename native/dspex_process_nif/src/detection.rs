@@ -42,6 +42,42 @@ struct Detected {
     age_ms: u64,
 }
 
+impl Detected {
+    /// One process's fields, from its facts and what classification said of it.
+    fn of(
+        env: Env,
+        facts: &dspex_process::ProcessFacts,
+        class: &str,
+        reason: Option<Atom>,
+        target: Option<Atom>,
+        owner: Option<Owner>,
+        age_ms: u64,
+    ) -> Detected {
+        Detected {
+            pid: facts.pid.as_raw(),
+            start_time: facts.start_time,
+            ppid: facts.ppid,
+            pgid: facts.pgid,
+            uid: facts.uid,
+            state: atom(env, facts.state.name()),
+            cmdline: facts.argv.join(" "),
+            class: atom(env, class),
+            reason,
+            target,
+            owner,
+            markers_readable: true,
+            age_ms,
+        }
+    }
+
+    fn markers_readable(self, readable: bool) -> Detected {
+        Detected {
+            markers_readable: readable,
+            ..self
+        }
+    }
+}
+
 /// The caller's selection (`include_unmanaged`, `reasons`), decoded for the core's policy.
 #[derive(NifMap)]
 struct SelectionArg {
@@ -101,21 +137,8 @@ fn detect<'a>(
                 _ => None,
             };
             let target = selection.target_reason(d.class).map(|r| atom(env, r));
-            Detected {
-                pid: facts.pid.as_raw(),
-                start_time: facts.start_time,
-                ppid: facts.ppid,
-                pgid: facts.pgid,
-                uid: facts.uid,
-                state: atom(env, facts.state.name()),
-                cmdline: facts.argv.join(" "),
-                class: atom(env, d.class.name()),
-                reason,
-                target,
-                owner,
-                markers_readable: !matches!(d.candidate.markers, MarkerRead::Unreadable),
-                age_ms: d.age_ms,
-            }
+            Detected::of(env, &facts, d.class.name(), reason, target, owner, d.age_ms)
+                .markers_readable(!matches!(d.candidate.markers, MarkerRead::Unreadable))
         })
         .collect();
     Ok(out)
@@ -133,28 +156,23 @@ fn detect_cgroup_orphans(env: Env, selection: SelectionArg) -> Vec<Detected> {
     found
         .into_iter()
         .map(|o| {
-            let facts = o.facts;
-            Detected {
-                pid: facts.pid.as_raw(),
-                start_time: facts.start_time,
-                ppid: facts.ppid,
-                pgid: facts.pgid,
-                uid: facts.uid,
-                state: atom(env, facts.state.name()),
-                cmdline: facts.argv.join(" "),
-                class: atom(env, "orphan"),
-                reason: Some(atom(env, policy::CGROUP_OWNER_DEAD)),
+            let owner = Owner {
+                pid: o.owner.vm.pid.as_raw(),
+                start_time: o.owner.vm.start_time,
+                run_id: None,
+                worker_id: None,
+                fingerprint: None,
+            };
+            let reason = Some(atom(env, policy::CGROUP_OWNER_DEAD));
+            Detected::of(
+                env,
+                &o.facts,
+                "orphan",
+                reason,
                 target,
-                owner: Some(Owner {
-                    pid: o.owner.vm.pid.as_raw(),
-                    start_time: o.owner.vm.start_time,
-                    run_id: None,
-                    worker_id: None,
-                    fingerprint: None,
-                }),
-                markers_readable: true,
-                age_ms: o.age_ms,
-            }
+                Some(owner),
+                o.age_ms,
+            )
         })
         .collect()
 }

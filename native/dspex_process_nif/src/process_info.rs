@@ -21,6 +21,18 @@ fn beam_identity() -> Option<(i32, u64, Option<u64>)> {
 /// Whether `pid` is a port program of this VM: its parent is the port helper
 /// (`erl_child_setup`) whose parent is this VM. Guards a registration against a pid that
 /// was recycled before it could be read.
+/// Whether `{pid, start_time}` is, now, a port program of this VM (its parent is this VM's
+/// port helper, and its start time is the one given).
+#[rustler::nif(name = "port_child_identity?")]
+fn port_child_identity(pid: i64, start_time: u64) -> bool {
+    match (this_beam(), i32::try_from(pid)) {
+        (Some(beam), Ok(pid)) => {
+            dspex_process::port_child_start(pid, beam.pid.as_raw()) == Some(start_time)
+        }
+        _ => false,
+    }
+}
+
 #[rustler::nif(name = "port_child?")]
 fn port_child(pid: i64) -> bool {
     match (this_beam(), i32::try_from(pid)) {

@@ -1,0 +1,53 @@
+defmodule DSPexProcess.GuardianTest do
+  # The guardian ends only what it can prove is this VM's: a process registered by mistake
+  # (a pid that is no port program of this VM: recycled, or someone else's) is never ended
+  # when it leaves the registry, nor told to the OS guard.
+  use ExUnit.Case, async: false
+
+  import DSPexProcess.Test.OSProcess
+
+  alias DSPex.Python.ProcessRegistry
+
+  @moduletag timeout: 60_000
+
+  test "a registered pid that is not a port program of this VM is never ended" do
+    marker = "dspex_guardian_stranger_#{System.unique_integer([:positive])}"
+    [{pid, start}] = make_orphans(1, marker) |> Enum.take(1)
+    on_exit(fn -> if alive?(pid, start), do: kill9(pid, start) end)
+
+    owner = spawn(fn -> receive do: (:never -> :ok) end)
+    :ok = ProcessRegistry.register_worker({:stranger, pid}, owner, pid, "fp_stranger")
+    Process.exit(owner, :kill)
+
+    # Well past the release delay and the grace: had the guardian taken it for ours, it
+    # would be gone.
+    g = DSPexProcess.Guardian.status().options
+    Process.sleep(g[:release_delay_ms] + g[:grace_ms] + 500)
+    assert alive?(pid, start), "the guardian ended a process that was not this VM's"
+    refute {pid, start} in DSPexProcess.Guardian.status().pending
+  end
+
+  test "a port program of this VM is ended once its owner is gone" do
+    script = python()
+    parent = self()
+
+    owner =
+      spawn(fn ->
+        port =
+          Port.open({:spawn_executable, script}, [
+            :binary,
+            args: ["-c", "import time; time.sleep(60)"]
+          ])
+
+        {:os_pid, pid} = Port.info(port, :os_pid)
+        :ok = ProcessRegistry.register_worker({:ours, pid}, self(), pid, "fp_ours")
+        send(parent, {:pid, pid})
+        receive do: (:never -> :ok)
+      end)
+
+    pid = receive do: ({:pid, p} -> p)
+    start = start_time(pid)
+    Process.exit(owner, :kill)
+    assert eventually(fn -> not alive?(pid, start) end, 5_000)
+  end
+end
