@@ -125,11 +125,21 @@ defmodule DSPexProcess.ProcessRegistryTest do
       # Past 1,000 entries, the `down` callback hands the removal and the guardian's notice
       # to a thread of its own: the notice must still arrive, and name the right process.
       %{script: script} = setup_bridge("bigowner")
-      {os_pid, start} = detach_and_run(script, [])
       parent = self()
 
       owner =
         spawn(fn ->
+          # A port program of this VM (the guardian ends only those) that lingers after
+          # its port closes with its owner.
+          port =
+            Port.open({:spawn_executable, python()}, [
+              :binary,
+              {:packet, 4},
+              args: [script, "--linger"]
+            ])
+
+          {:os_pid, os_pid} = Port.info(port, :os_pid)
+          send(parent, {:os_pid, os_pid})
           :ok = ProcessRegistry.register_worker({:big, 0}, self(), os_pid, "big", reg)
 
           for i <- 1..1_500,
@@ -139,6 +149,8 @@ defmodule DSPexProcess.ProcessRegistryTest do
           Process.sleep(:infinity)
         end)
 
+      assert_receive {:os_pid, os_pid}, 10_000
+      start = start_time(os_pid)
       assert_receive :registered, 10_000
       assert length(ProcessRegistry.get_workers_by_fingerprint("big", reg)) == 1_501
 
