@@ -149,14 +149,7 @@ defmodule DSPexProcess.AdversarialTest do
       unmarked_id = {unmarked_pid, start_time(unmarked_pid)}
 
       # A real orphan of nobody, re-parented: still ended from behind hidepid.
-      {_, 0} =
-        System.cmd("sh", [
-          "-c",
-          ~s(setsid "$0" --reuid=nobody --regid=nogroup --clear-groups "$1" "$2" --linger </dev/null >/dev/null 2>&1 &),
-          setpriv,
-          python(),
-          script
-        ])
+      :ok = start_nobody_orphan(script)
 
       assert eventually(fn ->
                Enum.any?(

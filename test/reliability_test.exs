@@ -364,17 +364,8 @@ defmodule DSPexProcess.ReliabilityTest do
       script: script,
       pattern: pattern
     } do
-      setpriv = System.find_executable("setpriv") || flunk("setpriv (util-linux) is needed")
-
       # The bridge, lingering, as nobody, detached (its parent exits: re-parented).
-      {_, 0} =
-        System.cmd("sh", [
-          "-c",
-          ~s(setsid "$0" --reuid=nobody --regid=nogroup --clear-groups "$1" "$2" --linger </dev/null >/dev/null 2>&1 &),
-          setpriv,
-          python(),
-          script
-        ])
+      :ok = start_nobody_orphan(script)
 
       assert eventually(fn ->
                match?(

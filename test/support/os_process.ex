@@ -289,4 +289,23 @@ defmodule DSPexProcess.Test.OSProcess do
     DSPexProcess.Test.PeerBeam.kill(peer)
     ids
   end
+
+  @doc """
+  Starts `script` (the bridge, lingering) as `nobody`, detached in a session of its own:
+  its launcher exits, so it is re-parented, an orphan of another user.
+  """
+  def start_nobody_orphan(script) do
+    setpriv = System.find_executable("setpriv") || raise "setpriv (util-linux) is needed"
+
+    {_, 0} =
+      System.cmd("sh", [
+        "-c",
+        ~s(setsid "$0" --reuid=nobody --regid=nogroup --clear-groups "$1" "$2" --linger </dev/null >/dev/null 2>&1 &),
+        setpriv,
+        python(),
+        script
+      ])
+
+    :ok
+  end
 end

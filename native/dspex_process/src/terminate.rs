@@ -971,6 +971,17 @@ mod tests {
         (child, identity)
     }
 
+    /// `n` children that ignore SIGTERM, each leading its own group, ready (handler set).
+    fn stubborn_targets(n: usize) -> (Vec<Child>, Vec<ProcessIdentity>) {
+        (0..n)
+            .map(|_| {
+                let (mut child, id) = spawn(STUBBORN);
+                ready(&mut child);
+                (child, id)
+            })
+            .unzip()
+    }
+
     /// Waits until the child printed its first line (its signal handlers are installed).
     fn ready(child: &mut Child) {
         use std::io::BufRead;
@@ -1111,14 +1122,7 @@ while True: time.sleep(1)
 
     #[test]
     fn many_stubborn_targets_take_one_grace_not_one_each() {
-        let mut children = Vec::new();
-        let mut ids = Vec::new();
-        for _ in 0..20 {
-            let (mut child, id) = spawn(STUBBORN);
-            ready(&mut child);
-            children.push(child);
-            ids.push(id);
-        }
+        let (mut children, ids) = stubborn_targets(20);
         let started = Instant::now();
         let out = terminate(&ids, &opts(300));
         let took = started.elapsed();
@@ -1284,14 +1288,7 @@ while True: time.sleep(1)
 
     #[test]
     fn concurrent_calls_report_each_exit_once() {
-        let mut children = Vec::new();
-        let mut ids = Vec::new();
-        for _ in 0..20 {
-            let (mut child, id) = spawn(STUBBORN);
-            ready(&mut child);
-            children.push(child);
-            ids.push(id);
-        }
+        let (mut children, ids) = stubborn_targets(20);
         let runs: Vec<Vec<Outcome>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..3)
                 .map(|_| s.spawn(|| terminate(&ids, &opts(300))))
