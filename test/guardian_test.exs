@@ -50,4 +50,49 @@ defmodule DSPexProcess.GuardianTest do
     Process.exit(owner, :kill)
     assert eventually(fn -> not alive?(pid, start) end, 5_000)
   end
+
+  test "a process handed off to an unguarded registry within the delay is left running" do
+    unguarded = unique_name(:handoff)
+    :ok = ProcessRegistry.ensure_table(unguarded, guardian: false)
+    parent = self()
+
+    # The keeper opens the port and keeps it; it hands the registration on.
+    keeper =
+      spawn(fn ->
+        port =
+          Port.open({:spawn_executable, python()}, [
+            :binary,
+            args: ["-c", "import time; time.sleep(60)"]
+          ])
+
+        {:os_pid, pid} = Port.info(port, :os_pid)
+        send(parent, {:pid, pid})
+        receive do: (:never -> :ok)
+      end)
+
+    pid = receive do: ({:pid, p} -> p)
+    start = start_time(pid)
+    on_exit(fn -> if alive?(pid, start), do: kill9(pid, start) end)
+    first = spawn(fn -> receive do: (:never -> :ok) end)
+    :ok = ProcessRegistry.register_worker({:handoff, pid}, first, pid, "fp", ProcessRegistry)
+    # The registration reached the guardian (and was verified) before the hand-off.
+    _ = DSPexProcess.Guardian.status()
+    :ok = ProcessRegistry.unregister_worker({:handoff, pid})
+    :ok = ProcessRegistry.register_worker({:handoff, pid}, self(), pid, "fp", unguarded)
+    # The port closes: only the unguarded registry holds it now.
+    Process.exit(keeper, :kill)
+    Process.exit(first, :kill)
+
+    g = DSPexProcess.Guardian.status().options
+    Process.sleep(g[:release_delay_ms] + g[:grace_ms] + 500)
+    assert alive?(pid, start), "a process handed off to an unguarded registry was ended"
+    refute {pid, start} in DSPexProcess.Guardian.status().pending
+
+    # Handed off for good: with containment, out of its leaf, so the VM's end spares it.
+    if DSPexProcess.Guardian.containment().mode == :cgroup do
+      refute File.read!("/proc/#{pid}/cgroup") =~ "/w-", "still in the VM's leaf"
+    end
+
+    :ok = ProcessRegistry.unregister_worker({:handoff, pid}, unguarded)
+  end
 end

@@ -404,14 +404,20 @@ defmodule DSPexProcess.Guardian do
 
       schedule(%{state | pending: pending})
     else
-      ids = Enum.map(released, fn {pid, start, _} -> {pid, start} end)
-      # Handed off on purpose: out of this VM's cgroup, so nothing ends it with the VM.
-      if state.containment.mode == :cgroup,
-        do: Enum.each(ids, fn {pid, start} -> Native.cgroup_dissolve(pid, start) end)
-
-      tell(state, "-", ids)
-      %{state | verified: MapSet.difference(state.verified, MapSet.new(ids))}
+      hand_off(state, Enum.map(released, fn {pid, start, _} -> {pid, start} end))
     end
+  end
+
+  # Processes given up on purpose: out of this VM's cgroup and off the guard's list, so
+  # nothing ends them with the VM.
+  defp hand_off(state, []), do: state
+
+  defp hand_off(state, ids) do
+    if state.containment.mode == :cgroup,
+      do: Enum.each(ids, fn {pid, start} -> Native.cgroup_dissolve(pid, start) end)
+
+    tell(state, "-", ids)
+    %{state | verified: MapSet.difference(state.verified, MapSet.new(ids))}
   end
 
   defp check(state) do
@@ -426,18 +432,22 @@ defmodule DSPexProcess.Guardian do
       due
       |> Enum.zip(held_by_registry)
       |> Enum.reduce({[], Map.new(waiting)}, fn
-        # Registered again: no longer ours to end.
-        {_, true}, acc ->
+        # Registered again: in a guarded registry it stays this VM's, on the guard's list;
+        # in unguarded ones only, it is handed off (below).
+        {_, held}, acc when is_boolean(held) ->
           acc
 
-        {{{pid, _} = id, {wid, _}}, false}, {to_end, waiting} ->
+        {{{pid, _} = id, {wid, _}}, nil}, {to_end, waiting} ->
           if MapSet.member?(port_pids, pid),
             do: {to_end, Map.put(waiting, id, {wid, later})},
             else: {[{id, wid} | to_end], waiting}
       end)
 
+    # Registered again only in unguarded registries: handed off, like end_released: false.
+    handed_off = for {{id, _}, false} <- Enum.zip(due, held_by_registry), do: id
+
     end_async(to_end, state.opts)
-    schedule(%{state | pending: still_waiting})
+    state |> hand_off(handed_off) |> Map.put(:pending, still_waiting) |> schedule()
   end
 
   defp end_async([], _opts), do: :ok

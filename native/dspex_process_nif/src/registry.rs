@@ -395,18 +395,24 @@ fn registries_live(registries: Vec<ResourceArc<RegistryResource>>) -> Vec<(i32, 
         .collect()
 }
 
-/// For each `{pid, start_time}`: whether a live worker of any of `registries` names it.
+/// For each `{pid, start_time}`: `true` when a live worker of a guarded registry among
+/// `registries` names it, `false` when only unguarded ones do, `nil` when none does.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registries_hold(
     registries: Vec<ResourceArc<RegistryResource>>,
     targets: Vec<(i64, u64)>,
-) -> Vec<bool> {
-    let held: std::collections::HashSet<(i64, u64)> = registries
-        .iter()
-        .flat_map(|r| r.live_python())
-        .map(|id| (i64::from(id.pid.as_raw()), id.start_time))
-        .collect();
-    targets.iter().map(|t| held.contains(t)).collect()
+) -> Vec<Option<bool>> {
+    // identity => held by a guarded registry (true) or only by unguarded ones (false)
+    let mut held: std::collections::HashMap<(i64, u64), bool> = std::collections::HashMap::new();
+    for r in &registries {
+        for id in r.live_python() {
+            let guarded = held
+                .entry((i64::from(id.pid.as_raw()), id.start_time))
+                .or_default();
+            *guarded |= r.guarded;
+        }
+    }
+    targets.iter().map(|t| held.get(t).copied()).collect()
 }
 
 /// `{:ok, info}` or `{:error, :not_found}`; the map is built from the entry in place.
