@@ -507,7 +507,16 @@ impl VmCgroup {
         };
         for _ in 0..3 {
             for pid in leaf.procs() {
-                let _ = write_file(&parent.join("cgroup.procs"), &pid.to_string());
+                // Read again right before the move: a pid that left the leaf (its process
+                // exited, the pid taken by another) is not ours to move.
+                let raw = pid.to_string();
+                let inside = Hierarchy::path_of(&raw)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|p| leaf.holds_path(&p));
+                if inside {
+                    let _ = write_file(&parent.join("cgroup.procs"), &raw);
+                }
             }
             if leaf.remove(Duration::from_millis(50)) {
                 return true;
