@@ -219,11 +219,15 @@ defmodule DSPexProcess.Guardian do
   end
 
   @impl true
-  def handle_info({:dspex_registered, {pid, start} = id, worker_id, owner, guarded}, state) do
+  def handle_info(
+        {:dspex_registered, {pid, start} = id, worker_id, owner, guarded, port_child},
+        state
+      ) do
     # Only a process proven to be this VM's port program is ever ended by the guardian: a
-    # pid that was recycled before the registry read it is someone else's.
+    # pid that was recycled before the registry read it is someone else's. The registry's
+    # own read of the process says so (its parent is this VM's port helper).
     state =
-      if guarded and Native.port_child_identity?(pid, start) do
+      if guarded and port_child do
         tell(state, "+", [id])
         contain(state, id, worker_id)
         %{state | verified: MapSet.put(state.verified, id)}

@@ -21,6 +21,29 @@ fn beam_identity() -> Option<(i32, u64, Option<u64>)> {
 /// Whether `pid` is a port program of this VM: its parent is the port helper
 /// (`erl_child_setup`) whose parent is this VM. Guards a registration against a pid that
 /// was recycled before it could be read.
+/// This VM's port helper (`erl_child_setup`): one per VM for its whole life, found from the
+/// first port program's parent and kept.
+static PORT_HELPER: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+
+/// Whether a process whose parent is `ppid` is a port program of this VM. After the first
+/// port program, a comparison; before it, one read of the parent's `/proc/PID/stat`.
+pub(crate) fn is_port_child_by_parent(ppid: i32) -> bool {
+    if let Some(helper) = PORT_HELPER.get() {
+        return *helper == ppid;
+    }
+    let Some(beam) = this_beam() else {
+        return false;
+    };
+    match dspex_process::Stat::read(ppid) {
+        Ok(parent)
+            if dspex_process::is_port_helper_of(&parent.comm, parent.ppid, beam.pid.as_raw()) =>
+        {
+            *PORT_HELPER.get_or_init(|| ppid) == ppid
+        }
+        _ => false,
+    }
+}
+
 /// Whether `{pid, start_time}` is, now, a port program of this VM (its parent is this VM's
 /// port helper, and its start time is the one given).
 #[rustler::nif(name = "port_child_identity?")]

@@ -315,6 +315,8 @@ fn registry_new(guarded: bool) -> ResourceArc<RegistryResource> {
 }
 
 /// One small read of /proc/PID/stat, well under a millisecond: fine on a normal scheduler.
+/// The same read says whether the process is a port program of this VM (its parent is this
+/// VM's port helper): the guardian ends only those.
 #[rustler::nif]
 fn registry_register<'a>(
     env: Env<'a>,
@@ -324,9 +326,21 @@ fn registry_register<'a>(
     python_pid: Option<i64>,
     fingerprint: &str,
 ) -> Term<'a> {
-    let python = match python_pid.map(|raw| Pid::new(raw).and_then(ProcessIdentity::of)) {
-        None => None,
-        Some(Ok(identity)) => Some(identity),
+    let read = python_pid.map(|raw| {
+        let pid = Pid::new(raw)?;
+        let stat = dspex_process::Stat::read(pid.as_raw())?;
+        let identity = ProcessIdentity {
+            pid,
+            start_time: stat.start_time,
+        };
+        Ok::<_, dspex_process::Error>((identity, stat.ppid))
+    });
+    let (python, port_child) = match read {
+        None => (None, false),
+        Some(Ok((identity, ppid))) => (
+            Some(identity),
+            crate::process_info::is_port_child_by_parent(ppid),
+        ),
         Some(Err(e)) => return (atoms::error(), crate::atom(env, e.reason())).encode(env),
     };
     let entry = WorkerEntry {
@@ -349,6 +363,7 @@ fn registry_register<'a>(
             worker_id,
             elixir_pid,
             resource.guarded,
+            port_child,
         );
         let _ = env.send(&guardian, notice);
     }
