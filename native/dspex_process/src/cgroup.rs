@@ -50,7 +50,7 @@ pub fn parse_v2_mount(mountinfo: &str) -> Option<(PathBuf, String)> {
     None
 }
 
-fn unescape(field: &str) -> String {
+pub(crate) fn unescape(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -557,11 +557,19 @@ impl Unit {
 
     /// `cgroup.events` says whether any process is in the subtree; `None` when unreadable
     /// (the cgroup is gone).
+    /// A cgroup v1 directory has no `cgroup.events`: there its `cgroup.procs` (and those
+    /// below it) say it.
     pub fn populated(&self) -> Option<bool> {
-        let text = std::fs::read_to_string(self.dir.join("cgroup.events")).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("populated "))
-            .map(|v| v.trim() == "1")
+        match std::fs::read_to_string(self.dir.join("cgroup.events")) {
+            Ok(text) => text
+                .lines()
+                .find_map(|l| l.strip_prefix("populated "))
+                .map(|v| v.trim() == "1"),
+            Err(_) => {
+                std::fs::metadata(self.dir.join("cgroup.procs")).ok()?;
+                Some(!self.procs().is_empty())
+            }
+        }
     }
 
     /// Writes `cgroup.kill`: SIGKILL to every process of the subtree, including those that
@@ -635,16 +643,16 @@ pub fn unit_of_path(hierarchy: &Hierarchy, path: &str) -> Option<(VmCgroup, Unit
     Some((vm, unit))
 }
 
-/// The per-VM cgroups, anywhere in the hierarchy, whose VM is dead (judged as
+/// The per-VM cgroups, anywhere in the cgroup2 hierarchy and in the cgroup v1 hierarchies
+/// of the limit controllers (see [`crate::cgroup_v1`]), whose VM is dead (judged as
 /// [`vm_alive`] says: another pid namespace, or an unreadable pid, is alive).
 pub fn dead_vm_cgroups() -> Vec<VmCgroup> {
-    let Some(hierarchy) = Hierarchy::find() else {
-        return Vec::new();
-    };
     let ns = crate::markers::own_pid_namespace();
-    hierarchy
-        .vm_cgroups()
+    Hierarchy::find()
+        .map(|h| h.vm_cgroups())
+        .unwrap_or_default()
         .into_iter()
+        .chain(crate::cgroup_v1::vm_cgroups())
         .filter(|vm| !vm_alive(&vm.name, ns))
         .collect()
 }
@@ -665,8 +673,13 @@ pub fn cgroup_orphans(vms: &[VmCgroup]) -> Vec<CgroupOrphan> {
     let mut found = Vec::new();
     let ticks = procfs::ticks_per_second().max(1);
     let now = crate::proc_facts::uptime_ticks(ticks);
+    // A process is in a dead VM's v2 leaf and in its v1 leaves: reported once.
+    let mut seen = std::collections::HashSet::new();
     for vm in vms {
         for raw in vm.as_unit().procs() {
+            if !seen.insert(raw) {
+                continue;
+            }
             let Ok(pid) = Pid::new(i64::from(raw)) else {
                 continue;
             };
@@ -687,7 +700,7 @@ pub fn cgroup_orphans(vms: &[VmCgroup]) -> Vec<CgroupOrphan> {
     found
 }
 
-fn join_path(base: &str, name: &str) -> String {
+pub(crate) fn join_path(base: &str, name: &str) -> String {
     let name = name.trim_start_matches('/');
     if base == "/" || base.is_empty() {
         format!("/{name}")

@@ -12,6 +12,7 @@
 
 mod ancestry;
 pub mod cgroup;
+pub mod cgroup_v1;
 pub mod classify;
 mod error;
 pub mod guardian;
