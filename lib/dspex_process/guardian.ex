@@ -117,8 +117,11 @@ defmodule DSPexProcess.Guardian do
   @typedoc """
   The containment in use: `mode` is `:cgroup` or `:none`, `requested` the option, `reason`
   why (the per-VM cgroup, or what made cgroups impossible), `cgroup` the per-VM cgroup's
-  directory, `controllers` those enabled for the leaves (`memory`, `pids`, `cpu`) and
-  `controllers_reason` why the others are not.
+  directory (cgroup v2), `controllers` those the leaves can take limits from (`memory`,
+  `pids`, `cpu`), `hierarchies` where each of them comes from (`:v2`, or `:v1` on a
+  hybrid host where cgroup2 lacks it), `v1_cgroups` the per-VM cgroup of this VM in the v1
+  hierarchy of each `:v1` controller, and `controllers_reason` why a controller is not
+  taken from v2, and why the missing ones are missing.
   """
   @type containment :: %{
           mode: :cgroup | :none,
@@ -126,6 +129,8 @@ defmodule DSPexProcess.Guardian do
           reason: String.t(),
           cgroup: String.t() | nil,
           controllers: [String.t()],
+          hierarchies: %{optional(String.t()) => :v1 | :v2},
+          v1_cgroups: %{optional(String.t()) => String.t()},
           controllers_reason: String.t()
         }
 
@@ -545,8 +550,12 @@ defmodule DSPexProcess.Guardian do
 
         cgroup =
           case state.containment do
-            %{mode: :cgroup, cgroup: dir} -> ["--cgroup", dir]
-            _ -> []
+            %{mode: :cgroup, cgroup: dir, v1_cgroups: v1} ->
+              v1 = v1 |> Map.values() |> Enum.uniq() |> Enum.flat_map(&["--cgroup-v1", &1])
+              ["--cgroup", dir | v1]
+
+            _ ->
+              []
           end
 
         args =

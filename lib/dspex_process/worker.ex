@@ -42,8 +42,12 @@ defmodule DSPexProcess.Worker do
       VM's cgroup (`DSPexProcess.Guardian.containment/0` says which and why), a warning is
       logged and the rlimit stands in: `memory_max` becomes RLIMIT_AS (unless
       `address_space` is set), `cpu_weight` a nice value (100 is 0, 1 is 19, 10_000 is
-      -20); `pids_max` has no per-tree rlimit and is not enforced then. Invalid values
-      raise `ArgumentError`. Default `[]`.
+      -20); `pids_max` has no per-tree rlimit and is not enforced then. On a hybrid host
+      (cgroup2 without these controllers, cgroup v1 with them) they come from v1 instead:
+      the worker also enters a leaf of each v1 hierarchy its limits need, where
+      `memory_max` is `memory.limit_in_bytes` (and `memory.memsw.limit_in_bytes`),
+      `pids_max` `pids.max` and `cpu_weight` `cpu.shares` (weight × 1024 / 100, as
+      systemd maps them). Invalid values raise `ArgumentError`. Default `[]`.
 
   ## Containment
 
@@ -52,7 +56,8 @@ defmodule DSPexProcess.Worker do
   --cgroup DIR`, which puts itself in a leaf cgroup of its own before it execs Python: every
   process Python forks, even one that calls `setsid()` and double-forks, starts inside and
   ends with the worker (`cgroup.kill` after the grace). A worker killed by the memory
-  controller (`memory.max`) stops with `{:memory_limit_exceeded, exit_status}` and logs it.
+  controller (`memory.max`, or the v1 `memory.limit_in_bytes` on a hybrid host) stops with
+  `{:memory_limit_exceeded, exit_status}` and logs it.
 
   ## Example
 
@@ -334,14 +339,14 @@ defmodule DSPexProcess.Worker do
     end
   end
 
-  # The memory controller counts its kills in the leaf's memory.events (read before the
-  # leaf is removed, in terminate/2).
+  # The memory controller counts its kills in the leaf's memory.events (v2) or
+  # memory.oom_control (v1), read here, before the leaf is removed in terminate/2.
   defp exit_reason(%{contained: true} = state, status) do
     case Native.cgroup_oom_kills(state.os_pid, state.start_time) do
       n when is_integer(n) and n > 0 ->
         Logger.error(
           "DSPexProcess.Worker #{inspect(state.id)}: python process #{state.os_pid} was " <>
-            "killed by its cgroup's memory limit (memory.max)"
+            "killed by its cgroup's memory limit"
         )
 
         {:memory_limit_exceeded, status}
@@ -520,7 +525,17 @@ defmodule DSPexProcess.Worker do
           else: fall_back(key, value, opts[:limits], status, cgroup == [])
       end)
 
-    {cgroup, limits}
+    # On a hybrid host, the controllers cgroup2 lacks come from v1: the wrapper enters a
+    # leaf of each v1 hierarchy one of its limits needs.
+    v1 =
+      for {key, _} <- limits,
+          controller = @cgroup_limits[key],
+          controller in available,
+          status.hierarchies[controller] == :v1,
+          uniq: true,
+          do: status.v1_cgroups[controller]
+
+    {cgroup ++ Enum.flat_map(v1, &["--cgroup-v1", &1]), limits}
   end
 
   defp fall_back(key, value, limits, status, no_cgroup?) do

@@ -8,6 +8,7 @@
 
 use clap::Args;
 use dspex_process::cgroup::VmCgroup;
+use dspex_process::cgroup_v1::V1VmCgroup;
 use dspex_process::guardian::{VmWatch, Watchlist};
 use dspex_process::terminate::{end_dead_vm_cgroup, Outcome, TerminateOptions};
 use dspex_process::{Pid, ProcessIdentity};
@@ -34,6 +35,10 @@ pub struct GuardArgs {
     /// VM dies, every process left in it ends with `cgroup.kill`, then it is removed.
     #[arg(long, value_name = "DIR")]
     cgroup: Option<std::path::PathBuf>,
+    /// The VM's per-VM cgroups in cgroup v1 hierarchies (hybrid mode, for limits;
+    /// repeatable, named with the same VM): removed with the cgroup2 one once emptied.
+    #[arg(long, value_name = "DIR")]
+    cgroup_v1: Vec<std::path::PathBuf>,
 }
 
 /// How often the list forgets processes that are gone.
@@ -82,6 +87,19 @@ pub fn guard(args: GuardArgs) -> ExitCode {
             }
         },
     };
+    let mut v1 = Vec::new();
+    for dir in &args.cgroup_v1 {
+        match V1VmCgroup::at(dir) {
+            Some(c) if c.vm.name.vm == vm => v1.push(c),
+            _ => {
+                say(&format!(
+                    "--cgroup-v1 {} is not a per-VM cgroup of VM {pid}",
+                    dir.display()
+                ));
+                return ExitCode::from(2);
+            }
+        }
+    }
     let mut list = Watchlist::new();
     let vm_died = follow(&watch, &mut list);
     if !vm_died {
@@ -93,6 +111,16 @@ pub fn guard(args: GuardArgs) -> ExitCode {
         // leaf) goes with the cgroup: it holds nothing but this VM's registered processes.
         outcomes.extend(end_dead_vm_cgroup(c, &options));
         c.remove_empty();
+    }
+    // Its v1 leaves held the same processes (ended now): they go, emptied, with their
+    // per-VM cgroups.
+    for c in &v1 {
+        if !c.remove_empty() {
+            say(&format!(
+                "{} is not empty: left in place",
+                c.vm.dir.display()
+            ));
+        }
     }
     if outcomes.is_empty() {
         return ExitCode::SUCCESS;

@@ -164,6 +164,11 @@ struct ExecArgs {
     /// a leaf of its own there, entered before the exec, so nothing it forks starts outside.
     #[arg(long, value_name = "DIR")]
     cgroup: Option<std::path::PathBuf>,
+    /// A per-VM cgroup of the same VM in a cgroup v1 hierarchy (hybrid mode; repeatable):
+    /// the command also runs in a leaf of its own there, which takes the limits whose
+    /// controller the cgroup2 leaf lacks.
+    #[arg(long, value_name = "DIR", requires = "cgroup")]
+    cgroup_v1: Vec<std::path::PathBuf>,
     /// memory.max of the leaf, in bytes (needs --cgroup and the memory controller).
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..), requires = "cgroup")]
     memory_max: Option<u64>,
@@ -662,9 +667,12 @@ fn owner_gone() -> bool {
 }
 
 /// With `--cgroup`: makes this process's leaf in the per-VM cgroup, writes the cgroup
-/// limits there and moves this process in, before the exec.
+/// limits there — or, for a controller the cgroup2 leaf lacks, in its leaf of the
+/// `--cgroup-v1` hierarchy that has it — and moves this process into its leaves, before the
+/// exec.
 fn enter_cgroup(args: &ExecArgs) -> Result<(), String> {
     use dspex_process::cgroup::{self, VmCgroup};
+    use dspex_process::cgroup_v1::V1VmCgroup;
     let Some(dir) = &args.cgroup else {
         return Ok(());
     };
@@ -675,6 +683,19 @@ fn enter_cgroup(args: &ExecArgs) -> Result<(), String> {
             dir.display()
         )
     })?;
+    let mut v1 = Vec::new();
+    for d in &args.cgroup_v1 {
+        match V1VmCgroup::at(d) {
+            Some(c) if c.vm.name == vm.name => v1.push(c),
+            _ => {
+                return Err(format!(
+                    "--cgroup-v1 {}: not a per-VM cgroup of the same VM as --cgroup in a \
+                     cgroup v1 hierarchy",
+                    d.display()
+                ))
+            }
+        }
+    }
     let me = Pid::new(i64::from(std::process::id()))
         .and_then(ProcessIdentity::of)
         .map_err(|e| e.to_string())?;
@@ -689,13 +710,20 @@ fn enter_cgroup(args: &ExecArgs) -> Result<(), String> {
         ("pids.max", "pids", args.pids_max),
         ("cpu.weight", "cpu", args.cpu_weight),
     ];
+    // The limits the cgroup2 leaf cannot take go to the v1 leaves.
+    let mut v1_limits = Vec::new();
     for (file, controller, value) in limits {
         let Some(value) = value else { continue };
         let path = leaf.dir.join(file);
         if !path.exists() {
+            if v1.iter().any(|c| c.has(controller)) {
+                v1_limits.push((controller, value));
+                continue;
+            }
             leaf.remove(Duration::ZERO);
             return Err(format!(
-                "the {controller} controller is not enabled for {} ({file} is missing)",
+                "the {controller} controller is not enabled for {} ({file} is missing) and no \
+                 --cgroup-v1 hierarchy has it",
                 dir.display()
             ));
         }
@@ -704,7 +732,26 @@ fn enter_cgroup(args: &ExecArgs) -> Result<(), String> {
             return Err(format!("writing {value} to {} failed: {e}", path.display()));
         }
     }
+    // Entered from inside, before the exec: this process is the one named by the leaves.
+    let mut entered: Vec<&V1VmCgroup> = Vec::new();
+    let leave_v1 = |entered: &[&V1VmCgroup]| {
+        for c in entered {
+            if let Some(parent) = c.vm.dir.parent() {
+                let _ = cgroup::write_file(&parent.join("cgroup.procs"), "0");
+            }
+            c.remove_leaf(&me, Duration::from_millis(100));
+        }
+    };
+    for c in &v1 {
+        if let Err(e) = c.enter_self(&me, &v1_limits) {
+            leave_v1(&entered);
+            leaf.remove(Duration::ZERO);
+            return Err(e);
+        }
+        entered.push(c);
+    }
     vm.enter_self().map(|_| ()).map_err(|e| {
+        leave_v1(&entered);
         leaf.remove(Duration::ZERO);
         format!("cannot enter {}: {e}", leaf.dir.display())
     })

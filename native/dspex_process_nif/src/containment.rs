@@ -5,29 +5,51 @@
 use crate::atom;
 use crate::process_info::this_beam;
 use dspex_process::cgroup::{self, Entered, VmCgroup};
+use dspex_process::cgroup_v1::{self, V1VmCgroup};
 use dspex_process::markers::own_pid_namespace;
 use dspex_process::{Pid, ProcessIdentity};
 use rustler::{Atom, Encoder, Env, NifMap, Term};
+use std::collections::HashMap;
 use std::sync::RwLock;
 
 mod atoms {
-    rustler::atoms! { ok, error, none, cgroup, auto, moved, already, gone, elsewhere, raced }
+    rustler::atoms! { ok, error, none, cgroup, auto, moved, already, gone, elsewhere, raced, v1, v2 }
 }
 
 /// Controllers a leaf may use for limits.
-const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+const CONTROLLERS: [&str; 3] = cgroup_v1::CONTROLLERS;
 
 /// What containment does in this VM.
 #[derive(Clone, Default)]
 pub(crate) struct State {
     pub(crate) vm: Option<VmCgroup>,
+    /// This VM's per-VM cgroups in the v1 hierarchies that give the controllers cgroup2
+    /// lacks here (hybrid mode).
+    pub(crate) v1: Vec<V1VmCgroup>,
     requested: &'static str,
     reason: String,
-    controllers: Vec<String>,
+    /// The controllers enabled for the leaves, each with its hierarchy.
+    controllers: Vec<(String, Hierarchy)>,
     controllers_reason: String,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hierarchy {
+    V1,
+    V2,
+}
+
 static STATE: RwLock<Option<State>> = RwLock::new(None);
+
+/// This VM's per-VM cgroups in v1 hierarchies (none without containment).
+pub(crate) fn own_v1_cgroups() -> Vec<V1VmCgroup> {
+    STATE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|s| s.v1.clone())
+        .unwrap_or_default()
+}
 
 /// This VM's per-VM cgroup, when containment is active.
 pub(crate) fn own_cgroup() -> Option<VmCgroup> {
@@ -45,6 +67,8 @@ struct Status {
     reason: String,
     cgroup: Option<String>,
     controllers: Vec<String>,
+    hierarchies: HashMap<String, Atom>,
+    v1_cgroups: HashMap<String, String>,
     controllers_reason: String,
 }
 
@@ -65,7 +89,28 @@ fn encode_status<'a>(env: Env<'a>, state: &State) -> Term<'a> {
         ),
         reason: state.reason.clone(),
         cgroup: state.vm.as_ref().map(|v| v.dir.display().to_string()),
-        controllers: state.controllers.clone(),
+        controllers: state.controllers.iter().map(|(c, _)| c.clone()).collect(),
+        hierarchies: state
+            .controllers
+            .iter()
+            .map(|(c, h)| {
+                let h = match h {
+                    Hierarchy::V1 => atoms::v1(),
+                    Hierarchy::V2 => atoms::v2(),
+                };
+                (c.clone(), h)
+            })
+            .collect(),
+        v1_cgroups: state
+            .v1
+            .iter()
+            .flat_map(|v| {
+                v.controllers
+                    .iter()
+                    .filter(|c| CONTROLLERS.contains(&c.as_str()))
+                    .map(|c| (c.clone(), v.vm.dir.display().to_string()))
+            })
+            .collect(),
         controllers_reason: state.controllers_reason.clone(),
     }
     .encode(env)
@@ -73,8 +118,12 @@ fn encode_status<'a>(env: Env<'a>, state: &State) -> Term<'a> {
 
 /// Enables what it can of memory, pids and cpu for the leaves (in the per-VM cgroup's own
 /// `cgroup.subtree_control`: it holds no process, so the v2 "no internal processes" rule
-/// allows it). The VM's own cgroup is never changed: what it does not pass down is missing.
-fn enable_controllers(vm: &VmCgroup) -> (Vec<String>, String) {
+/// allows it). The VM's own cgroup is never changed: what it does not pass down is missing
+/// from v2. A missing controller that a cgroup v1 hierarchy has (hybrid mode) is taken from
+/// there: a per-VM cgroup of the same name under the VM's own v1 cgroup (v1 has no "no
+/// internal processes" rule). Returns the controllers with their hierarchy, the v1
+/// per-VM cgroups made, and why the others are missing.
+fn enable_controllers(vm: &VmCgroup) -> (Vec<(String, Hierarchy)>, Vec<V1VmCgroup>, String) {
     let offered = std::fs::read_to_string(vm.dir.join("cgroup.controllers")).unwrap_or_default();
     let offered: Vec<&str> = offered.split_whitespace().collect();
     let mut enabled = Vec::new();
@@ -83,24 +132,41 @@ fn enable_controllers(vm: &VmCgroup) -> (Vec<String>, String) {
         if offered.contains(&c)
             && cgroup::write_file(&vm.dir.join("cgroup.subtree_control"), &format!("+{c}")).is_ok()
         {
-            enabled.push(c.to_string());
+            enabled.push((c.to_string(), Hierarchy::V2));
         } else {
             missing.push(c);
         }
     }
-    let reason = if missing.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "{} not enabled for {} by its parent's cgroup.subtree_control (the VM's own \
-             cgroup, which holds processes and so cannot pass controllers down unless it is \
-             the root; on hybrid systems these controllers belong to cgroup v1): limits on \
-             them fall back to rlimits",
-            missing.join(", "),
-            vm.dir.display()
-        )
-    };
-    (enabled, reason)
+    if missing.is_empty() {
+        return (enabled, Vec::new(), String::new());
+    }
+    let mut reasons = vec![format!(
+        "{} not enabled for {} by its parent's cgroup.subtree_control (the VM's own cgroup, \
+         which holds processes and so cannot pass controllers down unless it is the root)",
+        missing.join(", "),
+        vm.dir.display()
+    )];
+    let (v1, v1_missing) = V1VmCgroup::create_all(vm.name, &missing);
+    for c in &missing {
+        if let Some(v) = v1.iter().find(|v| v.has(c)) {
+            enabled.push((c.to_string(), Hierarchy::V1));
+            reasons.push(format!(
+                "{c} from cgroup v1 instead: a leaf per worker with limits under {}",
+                v.vm.dir.display()
+            ));
+        }
+    }
+    let fallback: Vec<String> = v1_missing
+        .iter()
+        .map(|(c, why)| format!("{c} not from cgroup v1 either ({why})"))
+        .collect();
+    if !fallback.is_empty() {
+        reasons.push(format!(
+            "{}: limits on them fall back to rlimits",
+            fallback.join("; ")
+        ));
+    }
+    (enabled, v1, reasons.join("; "))
 }
 
 /// Starts containment in `mode` (`:auto`, `:cgroup` or `:none`): creates this VM's
@@ -134,7 +200,8 @@ fn containment_start(env: Env, mode: Atom) -> Term {
         };
         match created {
             Ok(vm) => {
-                let (controllers, why) = enable_controllers(&vm);
+                let (controllers, v1, why) = enable_controllers(&vm);
+                state.v1 = v1;
                 state.reason = format!(
                     "a cgroup v2 per registered process under {}",
                     vm.dir.display()
@@ -177,7 +244,11 @@ fn containment_stop() -> bool {
     let Some(vm) = guard.as_ref().and_then(|s| s.vm.clone()) else {
         return true;
     };
-    let removed = vm.remove_empty();
+    let v1 = guard.as_ref().map(|s| s.v1.clone()).unwrap_or_default();
+    let mut removed = vm.remove_empty();
+    for v in &v1 {
+        removed &= v.remove_empty();
+    }
     if removed {
         *guard = None;
     }
@@ -213,17 +284,22 @@ fn cgroup_enter(env: Env, pid: i64, start_time: u64) -> Term {
 #[rustler::nif(schedule = "DirtyIo")]
 fn cgroup_dissolve(pid: i64, start_time: u64) -> bool {
     match (own_cgroup(), identity(pid, start_time)) {
-        (Some(vm), Some(id)) => vm.dissolve(&id),
+        (Some(vm), Some(id)) => {
+            // Its v1 leaves too: a process handed off keeps no limit of this VM.
+            let v1 = own_v1_cgroups().iter().all(|v| v.dissolve(&id));
+            vm.dissolve(&id) && v1
+        }
         _ => true,
     }
 }
 
-/// The `oom_kill` count of a process's leaf (`memory.events`), `nil` without one.
+/// The `oom_kill` count of a process's leaf: `memory.events` of its cgroup2 leaf, or
+/// `memory.oom_control` of its v1 memory leaf (hybrid mode); `nil` without either.
 #[rustler::nif(schedule = "DirtyIo")]
 fn cgroup_oom_kills(pid: i64, start_time: u64) -> Option<u64> {
     let (vm, id) = (own_cgroup()?, identity(pid, start_time)?);
-    let text = std::fs::read_to_string(vm.leaf(&id).dir.join("memory.events")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|v| v.trim().parse().ok())
+    std::fs::read_to_string(vm.leaf(&id).dir.join("memory.events"))
+        .ok()
+        .and_then(|text| cgroup_v1::parse_oom_kill(&text))
+        .or_else(|| own_v1_cgroups().iter().find_map(|v| v.oom_kills(&id)))
 }

@@ -71,6 +71,9 @@ struct Capabilities {
     environ_readable: bool,
     /// Where cgroup2 is mounted (found in /proc/self/mountinfo), if anywhere.
     cgroup2_mount: Option<String>,
+    /// Where the cgroup v1 hierarchies of the limit controllers (memory, pids, cpu) are
+    /// mounted, by controller (hybrid mode); empty on a unified host.
+    cgroup_v1_mounts: std::collections::HashMap<String, String>,
 }
 
 /// What the native side can use on this machine. (The containment mode in use is
@@ -83,6 +86,15 @@ fn capabilities() -> Capabilities {
         environ_readable: std::fs::read("/proc/self/environ").is_ok(),
         cgroup2_mount: dspex_process::cgroup::Hierarchy::find()
             .map(|h| h.mount.display().to_string()),
+        cgroup_v1_mounts: dspex_process::cgroup_v1::mounts()
+            .iter()
+            .flat_map(|m| {
+                dspex_process::cgroup_v1::CONTROLLERS
+                    .iter()
+                    .filter(|c| m.has(c))
+                    .map(|c| (c.to_string(), m.hierarchy.mount.display().to_string()))
+            })
+            .collect(),
     }
 }
 

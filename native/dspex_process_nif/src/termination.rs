@@ -64,6 +64,22 @@ fn terminate_start(env: Env, targets: Vec<(i64, u64)>, options: TerminateArgs, t
         // with it.
         let own = crate::containment::own_cgroup();
         let outcomes = terminate::terminate_contained(&valid, &options, own.as_ref());
+        // Their v1 leaves (hybrid mode, limits) held the same processes: emptied now.
+        let v1 = crate::containment::own_v1_cgroups();
+        if !v1.is_empty() {
+            let ended: Vec<ProcessIdentity> = valid
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| {
+                    matches!(
+                        o,
+                        Outcome::Graceful | Outcome::ForceKilled | Outcome::AlreadyGone
+                    )
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            dspex_process::cgroup_v1::remove_leaves(&v1, &ended, Duration::from_millis(200));
+        }
         let _ = OwnedEnv::new().send_and_clear(&caller, |env| {
             let mut outcomes = outcomes.into_iter();
             let encoded: Vec<Term> = parsed
