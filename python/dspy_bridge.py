@@ -11,6 +11,11 @@ short UTF-8 commands:
     children        -> the pids of the children it forked, space separated
     env NAME        -> the value of an environment variable ("" when unset)
     escaped         -> the pid of the process --spawn-escaper left behind ("" without it)
+    alloc MIB       -> allocates (and touches) MIB mebibytes, a mebibyte at a time, and
+                       keeps them: "allocated MIB" (a memory limit kills it first)
+    fork N          -> forks N children that sleep while it lives: "forked K" when all
+                       came, "forked K ERRNO-NAME" when fork failed after K (EAGAIN: a
+                       pids limit)
 
 Flags:
     --mode MODE          accepted for compatibility (pool-worker)
@@ -28,6 +33,7 @@ Flags:
 """
 
 import argparse
+import errno
 import os
 import signal
 import struct
@@ -98,6 +104,28 @@ def read_exact(stream, size):
     return data
 
 
+HELD = []
+
+
+def allocate(mib):
+    for _ in range(mib):
+        HELD.append(b"\x01" * (1 << 20))
+    return "allocated %d" % mib
+
+
+def fork_many(count):
+    parent = os.getpid()
+    forked = 0
+    try:
+        for _ in range(count):
+            if os.fork() == 0:
+                child_loop(parent)
+            forked += 1
+    except OSError as error:
+        return "forked %d %s" % (forked, errno.errorcode.get(error.errno, error.errno))
+    return "forked %d" % forked
+
+
 def answer(request, children, escaped=""):
     command, _, rest = request.decode("utf-8", "replace").partition(" ")
     if command == "ping":
@@ -112,6 +140,10 @@ def answer(request, children, escaped=""):
         return os.environ.get(rest, "")
     if command == "escaped":
         return escaped
+    if command == "alloc":
+        return allocate(int(rest))
+    if command == "fork":
+        return fork_many(int(rest))
     return "error: unknown command " + command
 
 

@@ -21,12 +21,14 @@ echo "==> mix test (warnings are errors)"
 MIX_ENV=test mix do compile --warnings-as-errors + test --warnings-as-errors "$@"
 
 echo "==> no cgroup left behind"
-# Every per-VM cgroup (dspex-NS-PID-START) of a VM started during this run (the test VM,
+# Every per-VM cgroup (dspex-NS-PID-START, cgroup2 and cgroup v1) of a VM started during this run (the test VM,
 # its peers) must be gone once that VM is: the guard removes the test VM's own after it
 # exits. A VM that still runs (another suite on a shared machine) is not judged. The guard
 # may wait its turn behind other terminations on the host, hence the generous wait.
 started=$(awk '{print $22}' /proc/$$/stat)
-mount=$(awk '$0 ~ / - cgroup2 / {print $5; exit}' /proc/self/mountinfo)
+# The cgroup2 mount and, on a hybrid host, the cgroup v1 mounts (where the limits' per-VM
+# cgroups are, named the same way).
+mounts=$(awk '$0 ~ / - cgroup2? / {print $5}' /proc/self/mountinfo)
 vm_alive() { # pid start
   local stat rest
   stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
@@ -34,7 +36,7 @@ vm_alive() { # pid start
   set -- "$2" $rest
   [ "${21}" = "$1" ] && [ "$2" != "Z" ]
 }
-if [ -n "$mount" ]; then
+if [ -n "$mounts" ]; then
   for _ in $(seq 300); do
     left=""
     while IFS= read -r dir; do
@@ -43,7 +45,8 @@ if [ -n "$mount" ]; then
       pid=${name%-*}
       pid=${pid##*-}
       if [ "$start" -ge "$started" ] && ! vm_alive "$pid" "$start"; then left="$left $dir"; fi
-    done < <(find "$mount" -maxdepth 8 -type d -regex '.*/dspex-[0-9]+-[0-9]+-[0-9]+' 2>/dev/null)
+    # shellcheck disable=SC2086
+    done < <(find $mounts -maxdepth 8 -type d -regex '.*/dspex-[0-9]+-[0-9]+-[0-9]+' 2>/dev/null)
     [ -z "$left" ] && break
     sleep 0.1
   done

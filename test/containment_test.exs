@@ -42,6 +42,32 @@ defmodule DSPexProcess.ContainmentTest do
         do: {pid, start}
   end
 
+  # The peer's per-VM cgroups in the v1 hierarchies of the limit controllers (hybrid mode),
+  # by controller.
+  defp v1_dirs(beam_pid, beam_start) do
+    {_, _, ns} = Native.beam_identity()
+
+    for {controller, mount} <- Native.capabilities().cgroup_v1_mounts,
+        dir <- Path.wildcard(Path.join(mount, "**/dspex-#{ns}-#{beam_pid}-#{beam_start}")),
+        do: {controller, dir}
+  end
+
+  # Limits that put a peer's workers in v1 leaves too, where the host has them.
+  @peer_limits [memory_max: 512 * 1024 * 1024, pids_max: 64, cpu_weight: 100]
+
+  # Each v1 per-VM cgroup of the peer holds one leaf per worker, each with its worker.
+  defp assert_v1_leaves(v1, workers) do
+    for {_controller, dir} <- v1 do
+      leaves = Path.wildcard(Path.join(dir, "w-*"))
+      assert length(leaves) == length(workers)
+
+      for {pid, start} <- workers do
+        leaf = Path.join(dir, "w-#{pid}-#{start}")
+        assert "#{pid}" in String.split(File.read!(Path.join(leaf, "cgroup.procs")))
+      end
+    end
+  end
+
   defp all_gone(ids, timeout \\ 5_000),
     do: eventually(fn -> Enum.all?(ids, fn {p, s} -> not alive?(p, s) end) end, timeout)
 
@@ -88,7 +114,13 @@ defmodule DSPexProcess.ContainmentTest do
 
   test "kill -9 of a VM: its OS guardian ends every process in its cgroup, the escaped one too, and removes the cgroup",
        ctx do
-    peer = PeerBeam.start(ctx.script, 2, ["--spawn-escaper"], guardian: true, guard: false)
+    peer =
+      PeerBeam.start(ctx.script, 2, ["--spawn-escaper"],
+        guardian: true,
+        guard: false,
+        limits: @peer_limits
+      )
+
     dir = vm_dir(peer.os_pid, peer.start_time)
     assert dir, "the peer made no cgroup"
     inside = members(dir)
@@ -96,6 +128,10 @@ defmodule DSPexProcess.ContainmentTest do
     assert length(inside) == 4
     workers = Enum.map(peer.worker_pids, &{&1, start_time(&1)})
     assert Enum.all?(workers, &(&1 in inside))
+    # On a hybrid host, their limits put them in v1 leaves too.
+    v1 = v1_dirs(peer.os_pid, peer.start_time)
+    assert length(v1) == map_size(Native.capabilities().cgroup_v1_mounts)
+    assert_v1_leaves(v1, workers)
 
     PeerBeam.kill(peer)
 
@@ -103,6 +139,9 @@ defmodule DSPexProcess.ContainmentTest do
            "left: #{inspect(Enum.filter(inside, &alive?(elem(&1, 0), elem(&1, 1))))}"
 
     assert eventually(fn -> not File.exists?(dir) end, 5_000)
+
+    assert eventually(fn -> not Enum.any?(v1, fn {_, d} -> File.exists?(d) end) end, 5_000),
+           "v1 cgroups left: #{inspect(v1)}"
   end
 
   test "kill -9 of a VM without its OS guardian: a later cleanup ends its leftovers (:cgroup_owner_dead for the escaped ones) and removes the cgroup",
@@ -110,12 +149,16 @@ defmodule DSPexProcess.ContainmentTest do
     peer =
       PeerBeam.start(ctx.script, 2, ["--spawn-escaper", "--linger"],
         guardian: false,
-        containment: :cgroup
+        containment: :cgroup,
+        limits: @peer_limits
       )
 
     dir = vm_dir(peer.os_pid, peer.start_time)
     inside = members(dir)
     assert length(inside) == 4
+    v1 = v1_dirs(peer.os_pid, peer.start_time)
+    assert length(v1) == map_size(Native.capabilities().cgroup_v1_mounts)
+    assert_v1_leaves(v1, Enum.map(peer.worker_pids, &{&1, start_time(&1)}))
     PeerBeam.kill(peer)
     Process.sleep(200)
     assert Enum.all?(inside, fn {p, s} -> alive?(p, s) end), "leftovers expected"
@@ -155,6 +198,9 @@ defmodule DSPexProcess.ContainmentTest do
     assert out =~ ~s("reason": "cgroup_owner_dead")
     assert all_gone(inside)
     assert eventually(fn -> not File.exists?(dir) end)
+
+    assert eventually(fn -> not Enum.any?(v1, fn {_, d} -> File.exists?(d) end) end),
+           "v1 cgroups left: #{inspect(v1)}"
   end
 
   test "run as nobody (no writable cgroup), :auto falls back and :cgroup refuses to start with the reason" do
@@ -186,13 +232,18 @@ defmodule DSPexProcess.ContainmentTest do
     assert out =~ "Delegate=yes"
   end
 
-  test "cgroup limits without their controller fall back to rlimits, with a warning", ctx do
+  test "cgroup limits of a worker without a cgroup (an unguarded registry) fall back to rlimits, with a warning",
+       ctx do
+    unguarded = :"limits_unguarded_#{System.unique_integer([:positive])}"
+    :ok = ProcessRegistry.ensure_table(unguarded, guardian: false)
+
     log =
       ExUnit.CaptureLog.capture_log(fn ->
         {:ok, w} =
           Worker.start(
             worker_id: "limits",
             script: ctx.script,
+            registry: unguarded,
             limits: [memory_max: 900_000_000, cpu_weight: 1, pids_max: 64]
           )
 
@@ -206,11 +257,10 @@ defmodule DSPexProcess.ContainmentTest do
         GenServer.stop(w)
       end)
 
-    if "memory" not in Guardian.containment().controllers do
-      assert log =~ "limit :memory_max needs the cgroup controller memory"
-      assert log =~ "RLIMIT_AS 900000000 stands in"
-      assert log =~ "limit :pids_max needs the cgroup controller pids"
-      assert log =~ "nice 19 stands in"
-    end
+    assert log =~ "limit :memory_max needs the cgroup controller memory"
+    assert log =~ "this worker has no cgroup"
+    assert log =~ "RLIMIT_AS 900000000 stands in"
+    assert log =~ "limit :pids_max needs the cgroup controller pids"
+    assert log =~ "nice 19 stands in"
   end
 end

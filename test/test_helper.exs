@@ -10,8 +10,8 @@ exclude =
     [:cgroup]
   end
 
-# No cgroup may be left behind by the suite: every per-VM cgroup of a VM started during this
-# run whose VM is gone must have been removed (this VM's own is checked by scripts/test.sh
+# No cgroup may be left behind by the suite: every per-VM cgroup (cgroup2, and cgroup v1 on a
+# hybrid host) of a VM started during this run whose VM is gone must have been removed (this VM's own is checked by scripts/test.sh
 # after this VM exits).
 suite_start = File.read!("/proc/self/stat") |> String.split(") ") |> List.last()
 suite_start = suite_start |> String.split() |> Enum.at(19) |> String.to_integer()
@@ -22,10 +22,11 @@ defmodule DSPexProcess.Test.CgroupLeftovers do
   # VM's own. A VM still running (another suite on a shared machine) is not judged; a dead
   # VM's guard may still be at work (it waits its turn behind other terminations on the
   # host), so this is polled for a while.
-  def find(mount, suite_start) do
+  def find(mounts, suite_start) do
     me = String.to_integer(System.pid())
 
-    for dir <- Path.wildcard(Path.join(mount, "**/dspex-*-*-*")),
+    for mount <- mounts,
+        dir <- Path.wildcard(Path.join(mount, "**/dspex-*-*-*")),
         [_, pid, start] <- [Regex.run(~r/dspex-\d+-(\d+)-(\d+)$/, dir)],
         start = String.to_integer(start),
         start >= suite_start,
@@ -50,10 +51,11 @@ defmodule DSPexProcess.Test.CgroupLeftovers do
 end
 
 ExUnit.after_suite(fn _ ->
-  mount = DSPexProcess.Native.capabilities().cgroup2_mount
-
-  leftovers =
-    if mount, do: DSPexProcess.Test.CgroupLeftovers.await(mount, suite_start, 200), else: []
+  # The cgroup2 hierarchy and, on a hybrid host, the v1 hierarchies of the limit
+  # controllers, which hold per-VM cgroups named the same way.
+  caps = DSPexProcess.Native.capabilities()
+  mounts = Enum.uniq(List.wrap(caps.cgroup2_mount) ++ Map.values(caps.cgroup_v1_mounts))
+  leftovers = DSPexProcess.Test.CgroupLeftovers.await(mounts, suite_start, 200)
 
   unless leftovers == [] do
     IO.puts(:stderr, "cgroups left behind by the suite: #{inspect(leftovers)}")

@@ -29,6 +29,13 @@ defmodule DSPexProcess.Test.PeerBeam do
 
   {:ok, _} = Application.ensure_all_started(:dspex_process)
 
+  # "memory_max=N,pids_max=N,...": the workers' :limits.
+  limits =
+    for pair <- String.split(System.get_env("PEER_LIMITS", ""), ",", trim: true) do
+      [key, value] = String.split(pair, "=")
+      {String.to_existing_atom(key), String.to_integer(value)}
+    end
+
   workers =
     for i <- 1..String.to_integer(count) do
       {:ok, w} =
@@ -37,7 +44,8 @@ defmodule DSPexProcess.Test.PeerBeam do
           script: script,
           python: python,
           args: args,
-          guard: guard
+          guard: guard,
+          limits: limits
         )
 
       w
@@ -57,7 +65,8 @@ defmodule DSPexProcess.Test.PeerBeam do
   `guardian: true` runs the library's guardian there (default `false`: a killed peer leaves
   orphans). `containment:` is the guardian's option there (default `:auto` with the
   guardian, `:none` without it: a peer without protection leaves its orphans outside any
-  cgroup). Returns once every worker answers.
+  cgroup). `limits:` are the workers' `:limits` (default none). Returns once every worker
+  answers.
   """
   def start(script, count, args \\ [], opts \\ []) do
     guard = Keyword.get(opts, :guard, false)
@@ -77,7 +86,12 @@ defmodule DSPexProcess.Test.PeerBeam do
           {~c"PEER_PYTHON", String.to_charlist(python())},
           {~c"PEER_GUARD", ~c"#{guard}"},
           {~c"PEER_GUARDIAN", ~c"#{guardian}"},
-          {~c"PEER_CONTAINMENT", ~c"#{containment}"}
+          {~c"PEER_CONTAINMENT", ~c"#{containment}"},
+          {~c"PEER_LIMITS",
+           opts
+           |> Keyword.get(:limits, [])
+           |> Enum.map_join(",", fn {k, v} -> "#{k}=#{v}" end)
+           |> String.to_charlist()}
         ],
         args:
           distribution(opts) ++ ["-pa", ebin, "-e", @peer_code, Integer.to_string(count)] ++ args

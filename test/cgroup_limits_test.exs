@@ -1,0 +1,201 @@
+defmodule DSPexProcess.CgroupLimitsTest do
+  # Cgroup limits enforced on real workers, as root. On a hybrid host (cgroup2 without the
+  # memory, pids and cpu controllers, cgroup v1 with them) they come from v1 leaves named like
+  # the v2 ones; these tests prove that path, and are skipped, with the reason, only where a
+  # v1 hierarchy of the controller is truly absent (a unified host). Not async: cgroups,
+  # memory pressure and timing. Every worker runs a bridge copied under a name unique to
+  # the run, and only its own processes are signalled.
+  use ExUnit.Case, async: false
+
+  import DSPexProcess.Test.OSProcess
+  import ExUnit.CaptureLog
+
+  alias DSPexProcess.{Guardian, Native, Worker}
+
+  @moduletag :cgroup
+
+  # Which v1 hierarchies this host mounts, read here on its own (not through the library).
+  @v1 "/proc/self/mountinfo"
+      |> File.read!()
+      |> String.split("\n")
+      |> Enum.flat_map(fn line ->
+        case String.split(line, " - ") do
+          [_, "cgroup " <> rest] -> rest |> String.split() |> Enum.at(1, "") |> String.split(",")
+          _ -> []
+        end
+      end)
+
+  setup do
+    setup_bridge("limits")
+  end
+
+  # The cgroup path of `os_pid` in the v1 hierarchy of `controller`.
+  defp v1_path(os_pid, controller) do
+    "/proc/#{os_pid}/cgroup"
+    |> File.read!()
+    |> String.split("\n")
+    |> Enum.find_value(fn line ->
+      case String.split(line, ":", parts: 3) do
+        [_, list, path] -> if controller in String.split(list, ","), do: path
+        _ -> nil
+      end
+    end)
+  end
+
+  defp v2_path(os_pid) do
+    "/proc/#{os_pid}/cgroup"
+    |> File.read!()
+    |> String.split("\n")
+    |> Enum.find_value(fn line -> with "0::" <> path <- line, do: path, else: (_ -> nil) end)
+  end
+
+  # Starts a worker with `limits` and returns it with its leaves: {v2 leaf dir, v1 leaf dir}.
+  defp start_limited(ctx, controller, limits) do
+    containment = Guardian.containment()
+    assert containment.mode == :cgroup
+    assert containment.hierarchies[controller] == :v1, inspect(containment)
+    vm_v1 = containment.v1_cgroups[controller]
+    assert vm_v1 =~ ~r{/dspex-\d+-\d+-\d+$}
+    # Named like the v2 per-VM cgroup.
+    assert Path.basename(vm_v1) == Path.basename(containment.cgroup)
+
+    {:ok, w} =
+      Worker.start(
+        worker_id: "limited_#{controller}",
+        script: ctx.script,
+        python: python(),
+        limits: limits
+      )
+
+    assert {:ok, "pong"} = Worker.call(w, "ping")
+    %{os_pid: os_pid, start_time: start} = Worker.info(w)
+    leaf = "w-#{os_pid}-#{start}"
+    v1_leaf = Path.join(vm_v1, leaf)
+    v2_leaf = Path.join(containment.cgroup, leaf)
+    # Entered before exec: in both leaves, named after itself.
+    assert String.ends_with?(v1_path(os_pid, controller), "/" <> leaf)
+    assert String.ends_with?(v2_path(os_pid), "/" <> leaf)
+    assert File.dir?(v1_leaf) and File.dir?(v2_leaf)
+    {w, os_pid, start, v1_leaf, v2_leaf}
+  end
+
+  defp read(dir, file), do: dir |> Path.join(file) |> File.read!() |> String.trim()
+
+  defp assert_no_leaf_left(dirs) do
+    assert eventually(fn -> not Enum.any?(dirs, &File.exists?/1) end, 5_000),
+           "left behind: #{inspect(Enum.filter(dirs, &File.exists?/1))}"
+
+    # Nothing else of this VM's either: its per-VM cgroups hold no leaf.
+    c = Guardian.containment()
+
+    assert eventually(fn ->
+             Enum.all?([c.cgroup | Map.values(c.v1_cgroups)], &(Path.wildcard("#{&1}/w-*") == []))
+           end)
+  end
+
+  if "memory" in @v1 do
+    test "a worker that allocates past memory_max (64 MiB) is killed by its v1 memory leaf and stops with {:memory_limit_exceeded, _}; no leaf is left",
+         ctx do
+      limit = 64 * 1024 * 1024
+
+      log =
+        capture_log(fn ->
+          {w, os_pid, start, v1_leaf, v2_leaf} = start_limited(ctx, "memory", memory_max: limit)
+
+          assert read(v1_leaf, "memory.limit_in_bytes") == Integer.to_string(limit)
+
+          if File.exists?(Path.join(v1_leaf, "memory.memsw.limit_in_bytes")),
+            do: assert(read(v1_leaf, "memory.memsw.limit_in_bytes") == Integer.to_string(limit))
+
+          # No rlimit stands in: the cgroup limit is the one in force.
+          assert File.read!("/proc/#{os_pid}/limits") =~ ~r/Max address space\s+unlimited/
+          ref = Process.monitor(w)
+          # Well within the limit, then past it.
+          assert {:ok, "allocated 16"} = Worker.call(w, "alloc 16")
+          assert {:error, :python_exited} = Worker.call(w, "alloc 256", 30_000)
+          assert_receive {:DOWN, ^ref, :process, ^w, {:memory_limit_exceeded, 137}}, 10_000
+          refute alive?(os_pid, start)
+          assert_no_leaf_left([v1_leaf, v2_leaf])
+        end)
+
+      assert log =~ "killed by its cgroup's memory limit"
+    end
+  else
+    @tag skip: "no cgroup v1 hierarchy has the memory controller on this host (unified mode)"
+    test "a worker past memory_max is killed by its v1 memory leaf", do: :ok
+  end
+
+  if "memory" in @v1 do
+    test "a worker within memory_max is not reported as a memory kill when it stops", ctx do
+      {w, os_pid, start, v1_leaf, v2_leaf} =
+        start_limited(ctx, "memory", memory_max: 256 * 1024 * 1024)
+
+      assert {:ok, "allocated 16"} = Worker.call(w, "alloc 16")
+      assert read(v1_leaf, "memory.oom_control") =~ ~r/^oom_kill 0$/m
+      :ok = GenServer.stop(w)
+      refute alive?(os_pid, start)
+      assert_no_leaf_left([v1_leaf, v2_leaf])
+    end
+  end
+
+  if "pids" in @v1 do
+    test "pids_max (4) limits the worker's tree through its v1 pids leaf: the fork past it fails with EAGAIN; no leaf is left",
+         ctx do
+      {w, os_pid, start, v1_leaf, v2_leaf} = start_limited(ctx, "pids", pids_max: 4)
+      assert read(v1_leaf, "pids.max") == "4"
+      # Python itself is one of the four.
+      assert {:ok, "forked 3 EAGAIN"} = Worker.call(w, "fork 10")
+      assert read(v1_leaf, "pids.current") == "4"
+      :ok = GenServer.stop(w)
+      refute alive?(os_pid, start)
+      assert_no_leaf_left([v1_leaf, v2_leaf])
+    end
+  else
+    @tag skip: "no cgroup v1 hierarchy has the pids controller on this host (unified mode)"
+    test "pids_max limits forks through the v1 pids leaf", do: :ok
+  end
+
+  if "cpu" in @v1 do
+    test "cpu_weight lands in cpu.shares of its v1 cpu leaf as systemd maps it (50 -> 512, 1 -> 10); no leaf is left",
+         ctx do
+      for {weight, shares} <- [{50, "512"}, {1, "10"}] do
+        {w, os_pid, start, v1_leaf, v2_leaf} = start_limited(ctx, "cpu", cpu_weight: weight)
+        assert read(v1_leaf, "cpu.shares") == shares
+        # No nice value stands in.
+        stat = "/proc/#{os_pid}/stat" |> File.read!() |> String.split(") ") |> List.last()
+        assert stat |> String.split() |> Enum.at(16) == "0"
+        :ok = GenServer.stop(w)
+        refute alive?(os_pid, start)
+        assert_no_leaf_left([v1_leaf, v2_leaf])
+      end
+    end
+  else
+    @tag skip: "no cgroup v1 hierarchy has the cpu controller on this host (unified mode)"
+    test "cpu_weight lands in cpu.shares of the v1 cpu leaf", do: :ok
+  end
+
+  test "the containment report says where each controller comes from and why" do
+    c = Guardian.containment()
+    caps = Native.capabilities()
+
+    for controller <- ["memory", "pids", "cpu"] do
+      case c.hierarchies[controller] do
+        :v1 ->
+          assert controller in c.controllers
+          assert String.starts_with?(c.v1_cgroups[controller], caps.cgroup_v1_mounts[controller])
+          assert c.controllers_reason =~ "#{controller} from cgroup v1 instead"
+
+        :v2 ->
+          assert controller in c.controllers
+
+        nil ->
+          refute controller in c.controllers
+          assert c.controllers_reason =~ "#{controller} not from cgroup v1 either"
+      end
+    end
+
+    for controller <- @v1, controller in ["memory", "pids", "cpu"] do
+      assert caps.cgroup_v1_mounts[controller]
+    end
+  end
+end
