@@ -643,16 +643,17 @@ pub fn unit_of_path(hierarchy: &Hierarchy, path: &str) -> Option<(VmCgroup, Unit
     Some((vm, unit))
 }
 
-/// The per-VM cgroups, anywhere in the cgroup2 hierarchy and in the cgroup v1 hierarchies
-/// of the limit controllers (see [`crate::cgroup_v1`]), whose VM is dead (judged as
-/// [`vm_alive`] says: another pid namespace, or an unreadable pid, is alive).
+/// The per-VM cgroups, anywhere in the cgroup2 hierarchy, whose VM is dead (judged as
+/// [`vm_alive`] says: another pid namespace, or an unreadable pid, is alive). With those of
+/// the cgroup v1 hierarchies: [`crate::cgroup_v1::dead_vm_cgroups`].
 pub fn dead_vm_cgroups() -> Vec<VmCgroup> {
+    let Some(hierarchy) = Hierarchy::find() else {
+        return Vec::new();
+    };
     let ns = crate::markers::own_pid_namespace();
-    Hierarchy::find()
-        .map(|h| h.vm_cgroups())
-        .unwrap_or_default()
+    hierarchy
+        .vm_cgroups()
         .into_iter()
-        .chain(crate::cgroup_v1::vm_cgroups())
         .filter(|vm| !vm_alive(&vm.name, ns))
         .collect()
 }

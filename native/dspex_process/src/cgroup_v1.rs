@@ -376,6 +376,20 @@ pub fn vm_cgroups() -> Vec<VmCgroup> {
         .collect()
 }
 
+/// The per-VM cgroups of dead VMs, in the cgroup2 hierarchy ([`crate::cgroup::dead_vm_cgroups`])
+/// and in the v1 hierarchies of the limit controllers (judged the same way, by the VM
+/// named): what every later cleanup of a dead VM's cgroups goes through.
+pub fn dead_vm_cgroups() -> Vec<VmCgroup> {
+    let ns = crate::markers::own_pid_namespace();
+    let mut all = crate::cgroup::dead_vm_cgroups();
+    all.extend(
+        vm_cgroups()
+            .into_iter()
+            .filter(|vm| !crate::cgroup::vm_alive(&vm.name, ns)),
+    );
+    all
+}
+
 /// The leaves named after `id` in `v1`, removed when empty; true when none is left.
 pub fn remove_leaves(v1: &[V1VmCgroup], ids: &[ProcessIdentity], wait: Duration) -> bool {
     let mut all = true;

@@ -116,7 +116,7 @@ impl Selection {
         if off {
             Vec::new()
         } else {
-            cgroup::dead_vm_cgroups()
+            dspex_process::cgroup_v1::dead_vm_cgroups()
         }
     }
 }

@@ -152,7 +152,7 @@ fn detect_cgroup_orphans(env: Env, selection: SelectionArg) -> Vec<Detected> {
         .into_policy()
         .admits(policy::CGROUP_OWNER_DEAD)
         .then(|| atom(env, policy::CGROUP_OWNER_DEAD));
-    let found = dspex_process::cgroup::cgroup_orphans(&dspex_process::cgroup::dead_vm_cgroups());
+    let found = dspex_process::cgroup::cgroup_orphans(&dspex_process::cgroup_v1::dead_vm_cgroups());
     found
         .into_iter()
         .map(|o| {
@@ -177,11 +177,12 @@ fn detect_cgroup_orphans(env: Env, selection: SelectionArg) -> Vec<Detected> {
         .collect()
 }
 
-/// Removes the per-VM cgroups of dead VMs that are empty (and their empty leaves).
+/// Removes the per-VM cgroups of dead VMs that are empty (and their empty leaves), cgroup2
+/// and cgroup v1 (hybrid hosts) alike.
 /// Returns how many were removed.
 #[rustler::nif(schedule = "DirtyIo")]
 fn remove_dead_vm_cgroups() -> usize {
-    dspex_process::cgroup::dead_vm_cgroups()
+    dspex_process::cgroup_v1::dead_vm_cgroups()
         .iter()
         .filter(|vm| vm.as_unit().populated() != Some(true) && vm.remove_empty())
         .count()
