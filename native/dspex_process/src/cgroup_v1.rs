@@ -20,7 +20,7 @@
 //! The pure parts (mountinfo, `/proc/PID/cgroup` lines, values) come first and are tested on
 //! their own.
 
-use crate::cgroup::{join_path, parse_leaf_name, unescape, write_file, Hierarchy, Unit};
+use crate::cgroup::{join_path, unescape, write_file, Hierarchy, Unit};
 use crate::cgroup::{VmCgroup, VmName};
 use crate::identity::ProcessIdentity;
 use std::io::ErrorKind;
@@ -401,6 +401,14 @@ pub fn remove_leaves(v1: &[V1VmCgroup], ids: &[ProcessIdentity], wait: Duration)
     all
 }
 
+/// Hands `id` off in every one of `v1` ([`V1VmCgroup::dissolve`]): each hierarchy is tried
+/// whatever the others did (one that fails must not leave the process in the leaves of the
+/// next ones, where a later cleanup of this VM's cgroups would still find it). True when no
+/// leaf of `id` is left.
+pub fn dissolve_all(v1: &[V1VmCgroup], id: &ProcessIdentity) -> bool {
+    v1.iter().fold(true, |all, v| v.dissolve(id) & all)
+}
+
 /// The identities named by the leaves of a per-VM cgroup (v1 or v2) that no live process
 /// holds any more: their process is gone or its pid names another process now.
 pub fn gone_leaves(vm: &VmCgroup) -> Vec<ProcessIdentity> {
@@ -409,11 +417,6 @@ pub fn gone_leaves(vm: &VmCgroup) -> Vec<ProcessIdentity> {
         .map(|(id, _)| id)
         .filter(|id| id.is_gone())
         .collect()
-}
-
-/// The identity in a leaf directory's name.
-pub fn leaf_identity(dir: &Path) -> Option<ProcessIdentity> {
-    parse_leaf_name(dir.file_name()?.to_str()?)
 }
 
 #[cfg(test)]
@@ -526,6 +529,41 @@ mod tests {
         let v2 = "low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\noom_group_kill 0\n";
         assert_eq!(parse_oom_kill(v2), Some(1));
         assert_eq!(parse_oom_kill("oom_kill_disable 0\n"), None);
+    }
+
+    #[test]
+    fn a_hand_off_tries_every_hierarchy_whatever_the_first_did() {
+        // Two per-VM cgroups on plain directories (no cgroupfs, no root needed): in the
+        // first, the leaf cannot be removed (a file in it: rmdir fails, as a busy cgroup's
+        // does); in the second, the leaf is empty and goes.
+        let base = std::env::temp_dir().join(crate::test_util::unique_tag("v1_dissolve"));
+        let me = ProcessIdentity::of(Pid::new(i64::from(std::process::id())).unwrap()).unwrap();
+        let name = VmName { pid_ns: 1, vm: me };
+        let made = |sub: &str| {
+            let dir = base.join(sub).join(name.to_name());
+            std::fs::create_dir_all(&dir).unwrap();
+            V1VmCgroup {
+                controllers: vec!["memory".into()],
+                vm: VmCgroup {
+                    dir,
+                    path: format!("/{sub}/{}", name.to_name()),
+                    name,
+                },
+            }
+        };
+        let (stuck, free) = (made("a"), made("b"));
+        let id = ProcessIdentity {
+            pid: Pid::new(12345).unwrap(),
+            start_time: 1,
+        };
+        std::fs::create_dir(&stuck.vm.leaf(&id).dir).unwrap();
+        std::fs::write(stuck.vm.leaf(&id).dir.join("cgroup.procs"), "").unwrap();
+        std::fs::create_dir(&free.vm.leaf(&id).dir).unwrap();
+        assert!(!stuck.dissolve(&id));
+        assert!(!dissolve_all(&[stuck.clone(), free.clone()], &id));
+        let second_tried = !free.vm.leaf(&id).dir.exists();
+        std::fs::remove_dir_all(&base).unwrap();
+        assert!(second_tried, "the second hierarchy's leaf was left");
     }
 
     /// The per-VM cgroups of a made-up VM in every v1 hierarchy with a limit controller,

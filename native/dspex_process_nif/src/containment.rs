@@ -285,8 +285,9 @@ fn cgroup_enter(env: Env, pid: i64, start_time: u64) -> Term {
 fn cgroup_dissolve(pid: i64, start_time: u64) -> bool {
     match (own_cgroup(), identity(pid, start_time)) {
         (Some(vm), Some(id)) => {
-            // Its v1 leaves too: a process handed off keeps no limit of this VM.
-            let v1 = own_v1_cgroups().iter().all(|v| v.dissolve(&id));
+            // Its v1 leaves too, each of them: a process handed off keeps no limit of this
+            // VM, and is found in no cgroup of it once the VM is gone.
+            let v1 = cgroup_v1::dissolve_all(&own_v1_cgroups(), &id);
             vm.dissolve(&id) && v1
         }
         _ => true,
