@@ -175,6 +175,51 @@ defmodule DSPexProcess.CgroupLimitsTest do
     test "cpu_weight lands in cpu.shares of the v1 cpu leaf", do: :ok
   end
 
+  if "memory" in @v1 do
+    test "a process left only in a dead VM's v1 leaf (out of every cgroup2 one: handed off) is no orphan of that VM; its v1 cgroup goes once empty" do
+      # A made-up dead VM (a pid that has exited) with a v1 memory per-VM cgroup beside this
+      # VM's, and a sleeper this test started in a leaf of it, in no per-VM cgroup2 one.
+      own = Path.dirname(Guardian.containment().v1_cgroups["memory"])
+      {_, _, ns} = Native.beam_identity()
+      {dead, 0} = System.cmd("sh", ["-c", "echo $$"])
+      {sleeper, 0} = System.cmd("sh", ["-c", "sleep 60 >/dev/null 2>&1 & echo $!"])
+      sleeper = sleeper |> String.trim() |> String.to_integer()
+      start = start_time(sleeper)
+      dir = Path.join(own, "dspex-#{ns}-#{String.trim(dead)}-#{start}")
+      leaf = Path.join(dir, "w-#{sleeper}-#{start}")
+
+      on_exit(fn ->
+        if File.exists?(leaf), do: File.write(Path.join(own, "cgroup.procs"), "#{sleeper}")
+        if alive?(sleeper, start), do: kill9(sleeper, start)
+        File.rmdir(leaf)
+        File.rmdir(dir)
+      end)
+
+      File.mkdir!(dir)
+      File.mkdir!(leaf)
+      File.write!(Path.join(leaf, "cgroup.procs"), "#{sleeper}")
+      assert String.ends_with?(v1_path(sleeper, "memory"), "/w-#{sleeper}-#{start}")
+
+      pattern = "no_such_script_#{System.unique_integer([:positive])}.py"
+      found = DSPex.Python.OrphanDetector.find_orphaned_processes(pattern: pattern, cgroups: true)
+      refute Enum.any?(found, &(&1.pid == sleeper)), inspect(found)
+
+      {out, _} =
+        System.cmd(Worker.guard_executable(), ["find", "--json", "--pattern", pattern],
+          env: [{"DSPEX_PROC_NO_CGROUPS", nil}]
+        )
+
+      refute json(out, "[o['pid'] for o in d['orphans']]") =~ ~r/\b#{sleeper}\b/
+      # Seen as a dead VM's cgroup all the same: kept while it holds the sleeper, removed
+      # once empty.
+      Native.remove_dead_vm_cgroups()
+      assert File.dir?(leaf)
+      File.write!(Path.join(own, "cgroup.procs"), "#{sleeper}")
+      assert eventually(fn -> Native.remove_dead_vm_cgroups() >= 0 and not File.exists?(dir) end)
+      assert alive?(sleeper, start)
+    end
+  end
+
   test "the containment report says where each controller comes from and why" do
     c = Guardian.containment()
     caps = Native.capabilities()

@@ -674,7 +674,7 @@ pub fn cgroup_orphans(vms: &[VmCgroup]) -> Vec<CgroupOrphan> {
     let mut found = Vec::new();
     let ticks = procfs::ticks_per_second().max(1);
     let now = crate::proc_facts::uptime_ticks(ticks);
-    // A process is in a dead VM's v2 leaf and in its v1 leaves: reported once.
+    // Each process once, whatever the list holds.
     let mut seen = std::collections::HashSet::new();
     for vm in vms {
         for raw in vm.as_unit().procs() {

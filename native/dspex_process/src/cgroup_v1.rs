@@ -378,7 +378,12 @@ pub fn vm_cgroups() -> Vec<VmCgroup> {
 
 /// The per-VM cgroups of dead VMs, in the cgroup2 hierarchy ([`crate::cgroup::dead_vm_cgroups`])
 /// and in the v1 hierarchies of the limit controllers (judged the same way, by the VM
-/// named): what every later cleanup of a dead VM's cgroups goes through.
+/// named): what every later cleanup removes once empty.
+///
+/// Not what names orphans: that is the cgroup2 ones alone. The v1 leaves only carried
+/// limits; a process in a dead VM's v1 leaf and in none of its cgroup2 cgroups left the
+/// containment (a hand-off whose v1 move failed, a process moved by someone else) and is
+/// not that VM's to end. Its v1 leaf stays until it is empty.
 pub fn dead_vm_cgroups() -> Vec<VmCgroup> {
     let ns = crate::markers::own_pid_namespace();
     let mut all = crate::cgroup::dead_vm_cgroups();

@@ -109,11 +109,26 @@ struct Selection {
 }
 
 impl Selection {
-    /// The per-VM cgroups of dead VMs to report, unless that pass is off.
+    fn cgroups_off(&self) -> bool {
+        self.no_cgroups || std::env::var_os("DSPEX_PROC_NO_CGROUPS").is_some_and(|v| !v.is_empty())
+    }
+
+    /// The per-VM cgroups (cgroup2: the containment) of dead VMs whose processes are
+    /// reported, unless that pass is off. A dead VM's cgroup v1 ones only carried limits:
+    /// a process in them and in none of these left the containment (handed off) and is not
+    /// an orphan of that VM.
     fn dead_vm_cgroups(&self) -> Vec<cgroup::VmCgroup> {
-        let off = self.no_cgroups
-            || std::env::var_os("DSPEX_PROC_NO_CGROUPS").is_some_and(|v| !v.is_empty());
-        if off {
+        if self.cgroups_off() {
+            Vec::new()
+        } else {
+            cgroup::dead_vm_cgroups()
+        }
+    }
+
+    /// The per-VM cgroups of dead VMs, cgroup2 and cgroup v1, removed once empty by a
+    /// cleanup, unless that pass is off.
+    fn dead_vm_cgroups_to_remove(&self) -> Vec<cgroup::VmCgroup> {
+        if self.cgroups_off() {
             Vec::new()
         } else {
             dspex_process::cgroup_v1::dead_vm_cgroups()
@@ -504,8 +519,7 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
         );
     }
     let detections = detect(&pattern);
-    let dead_vms = sel.dead_vm_cgroups();
-    let in_cgroups = cgroup::cgroup_orphans(&dead_vms);
+    let in_cgroups = cgroup::cgroup_orphans(&sel.dead_vm_cgroups());
     let targets = targets(sel, &detections, &in_cgroups);
     let counts = class_counts(&detections, &targets);
 
@@ -531,8 +545,9 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
             .iter()
             .map(outcome_name)
             .collect();
-        // Dead VMs' cgroups that are empty now (or were already) are removed.
-        for vm in &dead_vms {
+        // Dead VMs' cgroups (cgroup2 and v1) that are empty now (or were already) are
+        // removed.
+        for vm in &sel.dead_vm_cgroups_to_remove() {
             vm.remove_empty();
         }
         outcomes

@@ -152,7 +152,9 @@ fn detect_cgroup_orphans(env: Env, selection: SelectionArg) -> Vec<Detected> {
         .into_policy()
         .admits(policy::CGROUP_OWNER_DEAD)
         .then(|| atom(env, policy::CGROUP_OWNER_DEAD));
-    let found = dspex_process::cgroup::cgroup_orphans(&dspex_process::cgroup_v1::dead_vm_cgroups());
+    // Only the containment (cgroup2) names orphans: a dead VM's v1 cgroups carried limits,
+    // and a process left only there was handed off (see `cgroup_v1::dead_vm_cgroups`).
+    let found = dspex_process::cgroup::cgroup_orphans(&dspex_process::cgroup::dead_vm_cgroups());
     found
         .into_iter()
         .map(|o| {
