@@ -269,6 +269,7 @@ defmodule DSPexProcess.ReliabilityTest do
       # process of ours (pid <= 1 or beyond pid_max), so a random term can never signal.
       stateful = [
         guardian_attach: 1,
+        guardian_take_notices: 0,
         containment_start: 1,
         containment_stop: 0,
         cgroup_enter: 2,

@@ -189,6 +189,8 @@ defmodule DSPexProcess.Guardian do
     end
 
     :ok = Native.guardian_attach(self())
+    # Notices a previous guardian left untaken (it was killed) are taken first.
+    send(self(), :dspex_notices)
 
     state = %{
       containment: containment,
@@ -224,27 +226,8 @@ defmodule DSPexProcess.Guardian do
   end
 
   @impl true
-  def handle_info(
-        {:dspex_registered, {pid, start} = id, worker_id, owner, guarded, port_child},
-        state
-      ) do
-    # Only a process proven to be this VM's port program is ever ended by the guardian: a
-    # pid that was recycled before the registry read it is someone else's. The registry's
-    # own read of the process says so (its parent is this VM's port helper).
-    state =
-      if guarded and port_child do
-        tell(state, "+", [id])
-        contain(state, id, worker_id)
-        %{state | verified: MapSet.put(state.verified, id)}
-      else
-        state
-      end
-
-    {:noreply, record(state, pid, start, worker_id, owner)}
-  end
-
-  def handle_info({:dspex_released, released}, state) do
-    {:noreply, release(state, released)}
+  def handle_info(:dspex_notices, state) do
+    {:noreply, take_notices(state)}
   end
 
   def handle_info(:check, state) do
@@ -298,7 +281,8 @@ defmodule DSPexProcess.Guardian do
   @impl true
   def terminate(reason, state) do
     :ok = Native.guardian_attach(nil)
-    state = drain_releases(state)
+    # Owners that died during the stop may have queued notices after the exit signal.
+    state = take_notices(state)
 
     # A crash is not a stop: a restarted guardian takes over, the workers stay.
     if state.opts[:end_on_stop] and stop_reason?(reason) do
@@ -496,14 +480,29 @@ defmodule DSPexProcess.Guardian do
   defp stop_reason?(reason),
     do: reason in [:normal, :shutdown] or match?({:shutdown, _}, reason)
 
-  # Owners that died during the stop may have sent their notices after the exit signal.
-  defp drain_releases(state) do
-    receive do
-      {:dspex_released, released} -> drain_releases(release(state, released))
-    after
-      0 -> state
-    end
+  # The registries queue their notices natively, in order, and wake the guardian with one
+  # `:dspex_notices` message when the queue stops being empty (see `Native`).
+  defp take_notices(state) do
+    Enum.reduce(Native.guardian_take_notices(), state, &notice/2)
   end
+
+  defp notice({:registered, {pid, start} = id, worker_id, owner, guarded, port_child}, state) do
+    # Only a process proven to be this VM's port program is ever ended by the guardian: a
+    # pid that was recycled before the registry read it is someone else's. The registry's
+    # own read of the process says so (its parent is this VM's port helper).
+    state =
+      if guarded and port_child do
+        tell(state, "+", [id])
+        contain(state, id, worker_id)
+        %{state | verified: MapSet.put(state.verified, id)}
+      else
+        state
+      end
+
+    record(state, pid, start, worker_id, owner)
+  end
+
+  defp notice({:released, released}, state), do: release(state, released)
 
   defp end_everything(state) do
     registered = verified_live(state)

@@ -6,6 +6,20 @@ use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::Arc;
 
+/// The registry's hash maps. foldhash (hashbrown's default hasher) instead of std's SipHash:
+/// every registry call hashes a worker id or a fingerprint two to four times, and SipHash
+/// made that a measurable part of a lookup. Keys are seeded per map, so one registry's
+/// layout says nothing about another's.
+type Map<K, V> = DashMap<K, V, foldhash::fast::RandomState>;
+
+fn new_map<K: Eq + Hash, V>() -> Map<K, V> {
+    DashMap::with_capacity_and_hasher_and_shard_amount(
+        0,
+        foldhash::fast::RandomState::default(),
+        SHARDS,
+    )
+}
+
 /// One registered worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerEntry<O> {
@@ -130,9 +144,9 @@ const SHARDS: usize = 64;
 /// change to the fingerprint index is made while the entry's shard in `entries` is
 /// write-locked, so the index names key `k` under `f` exactly when `k`'s entry has `f`.
 pub struct Registry<K, O> {
-    entries: DashMap<K, WorkerEntry<O>>,
-    owners: DashMap<O, Keys<K>>,
-    fingerprints: DashMap<Arc<str>, Keys<K>>,
+    entries: Map<K, WorkerEntry<O>>,
+    owners: Map<O, Keys<K>>,
+    fingerprints: Map<Arc<str>, Keys<K>>,
 }
 
 impl<K, O> Default for Registry<K, O>
@@ -152,9 +166,9 @@ where
 {
     pub fn new() -> Self {
         Registry {
-            entries: DashMap::with_shard_amount(SHARDS),
-            owners: DashMap::with_shard_amount(SHARDS),
-            fingerprints: DashMap::with_shard_amount(SHARDS),
+            entries: new_map(),
+            owners: new_map(),
+            fingerprints: new_map(),
         }
     }
 
@@ -279,6 +293,15 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        self.remove(key).map(|(_, entry)| entry)
+    }
+
+    /// Removes `key`; returns the registry's own key and the entry that were there.
+    pub fn remove<Q>(&self, key: &Q) -> Option<(K, WorkerEntry<O>)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         loop {
             let owner = self.entries.get(key).map(|e| e.owner)?;
             let removed = match self.owners.get_mut(&owner) {
@@ -291,8 +314,8 @@ where
                 }
                 None => self.take(key, |e| e.owner == owner),
             };
-            if let Some((_, entry)) = removed {
-                return Some(entry);
+            if removed.is_some() {
+                return removed;
             }
             // The key changed owner between the read and the removal: look again.
         }
@@ -355,6 +378,15 @@ where
         Q: Hash + Eq + ?Sized,
     {
         self.entries.get(key).map(|e| read(e.value()))
+    }
+
+    /// Calls `visit` with every entry in place, one shard's read lock at a time: `visit`
+    /// must be short and must not call back into the registry. Listings read entries this
+    /// way, without copying them out first.
+    pub fn for_each(&self, mut visit: impl FnMut(&K, &WorkerEntry<O>)) {
+        for e in self.entries.iter() {
+            visit(e.key(), e.value());
+        }
     }
 
     /// A snapshot of every entry.

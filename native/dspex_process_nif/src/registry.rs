@@ -1,7 +1,7 @@
 //! The worker registry as a NIF resource. The resource lives as long as any term refers
 //! to it (the Elixir side keeps one in `:persistent_term`), so it outlives the GenServer.
 
-use dspex_process::{DetachedKeys, Pid, ProcessIdentity, Registry, RegistryStats, WorkerEntry};
+use dspex_process::{Pid, ProcessIdentity, Registry, RegistryStats, WorkerEntry};
 use rustler::sys::ErlNifTerm;
 use rustler::types::binary::NewBinary;
 use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, NifMap, OwnedEnv, ResourceArc, Term};
@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 mod atoms {
     rustler::atoms! {
-        ok, error, nil, not_found, dspex_registered, dspex_released,
+        ok, error, nil, not_found, dspex_notices, registered, released,
         elixir_pid, fingerprint, python_pid, python_start_time, registered_at,
     }
 }
@@ -26,18 +26,62 @@ fn guardian() -> Option<LocalPid> {
     *GUARDIAN.read().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Tells the guardian that `released` left the registry. `env` is the calling process's
-/// or the `down` callback's: both may send. A failed send (no guardian) changes nothing.
-fn notify_released(env: Env, guarded: bool, released: &[(Term, ProcessIdentity)]) {
-    if released.is_empty() || !guarded {
+/// What the guardian is told, in the order it happened (one queue for every registry, so
+/// a release never overtakes the registration it undoes).
+enum Notice {
+    Registered {
+        identity: ProcessIdentity,
+        key: WorkerKey,
+        owner: LocalPid,
+        guarded: bool,
+        port_child: bool,
+    },
+    /// Only guarded registries' releases are queued.
+    Released(Vec<(ProcessIdentity, WorkerKey)>),
+}
+
+/// Notices not yet taken by the guardian. A message built and sent per registration cost
+/// about a microsecond on the caller's scheduler (the copy and the guardian's wake-up); a
+/// push here costs an uncontended lock. The guardian is woken by one `:dspex_notices`
+/// message when the queue stops being empty, and takes everything with
+/// `guardian_take_notices/0`.
+static NOTICES: Mutex<Vec<Notice>> = Mutex::new(Vec::new());
+
+/// How a notice's wake-up is sent: from a NIF's or a callback's env, or from a thread.
+enum Sender<'a> {
+    Env(Env<'a>),
+    Thread,
+}
+
+/// Queues `notice` when a guardian is attached, and wakes it if the queue was empty.
+fn notify(sender: Sender, notice: Notice) {
+    let Some(guardian) = guardian() else {
         return;
+    };
+    let was_empty = {
+        let mut queue = NOTICES.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = queue.is_empty();
+        queue.push(notice);
+        was_empty
+    };
+    if was_empty {
+        // A failed send (the guardian just exited) loses nothing: the queue is kept for
+        // the next guardian, which takes it when it attaches.
+        match sender {
+            Sender::Env(env) => {
+                let _ = env.send(&guardian, atoms::dspex_notices());
+            }
+            Sender::Thread => {
+                let _ = OwnedEnv::new().send_and_clear(&guardian, |_| atoms::dspex_notices());
+            }
+        }
     }
-    if let Some(guardian) = guardian() {
-        let list: Vec<(i32, u64, Term)> = released
-            .iter()
-            .map(|(id, p)| (p.pid.as_raw(), p.start_time, *id))
-            .collect();
-        let _ = env.send(&guardian, (atoms::dspex_released(), list));
+}
+
+/// Tells the guardian that `released` left a guarded registry.
+fn notify_released(sender: Sender, guarded: bool, released: Vec<(ProcessIdentity, WorkerKey)>) {
+    if guarded && !released.is_empty() {
+        notify(sender, Notice::Released(released));
     }
 }
 
@@ -80,8 +124,8 @@ impl rustler::Resource for RegistryResource {
             return;
         };
         if keys.len() <= INLINE_REMOVAL {
-            let released = released_terms(env, self.registry.remove_detached(&pid, keys));
-            notify_released(env, self.guarded, &released);
+            let released = released(self.registry.remove_detached(&pid, keys));
+            notify_released(Sender::Env(env), self.guarded, released);
             return;
         }
         // The thread takes the keys out of `work`; if it cannot be started, they are still
@@ -94,7 +138,8 @@ impl rustler::Resource for RegistryResource {
             move || {
                 let keys = work.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some(keys) = keys {
-                    remove_off_scheduler(&registry, pid, keys, guarded);
+                    let removed = registry.remove_detached(&pid, keys);
+                    notify_released(Sender::Thread, guarded, released(removed));
                 }
             }
         };
@@ -104,47 +149,54 @@ impl rustler::Resource for RegistryResource {
         if spawned.is_err() {
             let keys = work.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(keys) = keys {
-                let released = released_terms(env, self.registry.remove_detached(&pid, keys));
-                notify_released(env, self.guarded, &released);
+                let released = released(self.registry.remove_detached(&pid, keys));
+                notify_released(Sender::Env(env), self.guarded, released);
             }
         }
     }
 }
 
-/// The ids and OS processes of removed entries (those without an OS process are left out).
-fn released_terms(
-    env: Env,
-    removed: Vec<(WorkerKey, WorkerEntry<LocalPid>)>,
-) -> Vec<(Term, ProcessIdentity)> {
+/// The OS processes and ids of removed entries (those without an OS process are left out).
+fn released(removed: Vec<(WorkerKey, WorkerEntry<LocalPid>)>) -> Vec<(ProcessIdentity, WorkerKey)> {
     removed
         .into_iter()
-        .filter_map(|(key, entry)| Some((key_term(env, &key), entry.python?)))
+        .filter_map(|(key, entry)| Some((entry.python?, key)))
         .collect()
 }
 
-/// Removes a dead owner's many entries on a thread that is not a scheduler, and sends the
-/// guardian its notice from a process-independent env.
-fn remove_off_scheduler(
-    registry: &Registry<WorkerKey, LocalPid>,
-    owner: LocalPid,
-    keys: DetachedKeys<WorkerKey>,
-    guarded: bool,
-) {
-    let removed = registry.remove_detached(&owner, keys);
-    if !guarded {
-        return;
-    }
-    if let Some(guardian) = guardian() {
-        let mut owned = OwnedEnv::new();
-        let _ = owned.send_and_clear(&guardian, |env| {
-            let released = released_terms(env, removed);
-            let list: Vec<(i32, u64, Term)> = released
-                .iter()
-                .map(|(id, p)| (p.pid.as_raw(), p.start_time, *id))
-                .collect();
-            (atoms::dspex_released(), list)
-        });
-    }
+/// Takes every queued notice, oldest first: `{:registered, {pid, start_time}, worker_id,
+/// owner, guarded, port_child}` and `{:released, [{pid, start_time, worker_id}]}`.
+#[rustler::nif]
+fn guardian_take_notices(env: Env) -> Term {
+    let notices = std::mem::take(&mut *NOTICES.lock().unwrap_or_else(|e| e.into_inner()));
+    let terms: Vec<Term> = notices
+        .iter()
+        .map(|notice| match notice {
+            Notice::Registered {
+                identity,
+                key,
+                owner,
+                guarded,
+                port_child,
+            } => (
+                atoms::registered(),
+                (identity.pid.as_raw(), identity.start_time),
+                key_term(env, key),
+                *owner,
+                *guarded,
+                *port_child,
+            )
+                .encode(env),
+            Notice::Released(list) => {
+                let list: Vec<(i32, u64, Term)> = list
+                    .iter()
+                    .map(|(p, key)| (p.pid.as_raw(), p.start_time, key_term(env, key)))
+                    .collect();
+                (atoms::released(), list).encode(env)
+            }
+        })
+        .collect();
+    terms.encode(env)
 }
 
 #[derive(NifMap)]
@@ -201,7 +253,9 @@ impl<'a> InfoEncoder<'a> {
     fn fingerprint(&mut self, fingerprint: &Arc<str>, shared: bool) -> Term<'a> {
         let env = self.env;
         let make = || -> Term<'a> { NewBinary::from_slice(env, fingerprint.as_bytes()).into() };
-        if !shared {
+        // Two references are the entry's and the index's: no other entry has it, so a
+        // remembered term would never be used again.
+        if !shared || Arc::strong_count(fingerprint) <= 2 {
             return make();
         }
         let at = fingerprint.as_ptr();
@@ -351,24 +405,23 @@ fn registry_register<'a>(
         alive: false,
     };
     let key: WorkerKey = with_key(worker_id, |bytes| Arc::from(bytes));
-    let replaced = resource
-        .registry
-        .register(key, entry, |pid| env.monitor(&resource, pid).is_some());
-    if let (Some(identity), Some(guardian)) = (python, guardian()) {
+    let replaced = resource.registry.register(Arc::clone(&key), entry, |pid| {
+        env.monitor(&resource, pid).is_some()
+    });
+    if let Some(identity) = python {
         // Unguarded registrations are told too, for leak checks; the guardian ends only
         // guarded ones.
-        let notice = (
-            atoms::dspex_registered(),
-            (identity.pid.as_raw(), identity.start_time),
-            worker_id,
-            elixir_pid,
-            resource.guarded,
+        let notice = Notice::Registered {
+            identity,
+            key: Arc::clone(&key),
+            owner: elixir_pid,
+            guarded: resource.guarded,
             port_child,
-        );
-        let _ = env.send(&guardian, notice);
+        };
+        notify(Sender::Env(env), notice);
     }
     if let Some(old) = replaced {
-        notify_released(env, resource.guarded, &[(worker_id, old)]);
+        notify_released(Sender::Env(env), resource.guarded, vec![(old, key)]);
     }
     atoms::ok().encode(env)
 }
@@ -379,9 +432,12 @@ fn registry_unregister<'a>(
     resource: ResourceArc<RegistryResource>,
     worker_id: Term<'a>,
 ) -> Atom {
-    let removed = with_key(worker_id, |key| resource.registry.unregister(key));
-    if let Some(python) = removed.and_then(|e| e.python) {
-        notify_released(env, resource.guarded, &[(worker_id, python)]);
+    let removed = with_key(worker_id, |key| {
+        let (key, entry) = resource.registry.remove(key)?;
+        Some((entry.python?, key))
+    });
+    if let Some(released) = removed {
+        notify_released(Sender::Env(env), resource.guarded, vec![released]);
     }
     atoms::ok()
 }
@@ -393,6 +449,7 @@ fn registry_guarded(resource: ResourceArc<RegistryResource>) -> bool {
 }
 
 /// Makes `pid` the guardian of this VM's registries (see [`GUARDIAN`]); `nil` detaches.
+/// Notices queued before a detach stay for the next guardian, which takes them first.
 #[rustler::nif]
 fn guardian_attach(pid: Option<LocalPid>) -> Atom {
     *GUARDIAN.write().unwrap_or_else(|e| e.into_inner()) = pid;
@@ -447,9 +504,16 @@ fn registry_get<'a>(
     }
 }
 
+/// Built from the entries in place, straight into a list (no copy of the entries, no
+/// intermediate vector).
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registry_list(env: Env, resource: ResourceArc<RegistryResource>) -> Term {
-    InfoEncoder::new(env).pairs(resource.registry.entries())
+    let mut encoder = InfoEncoder::new(env);
+    let mut list = Term::list_new_empty(env);
+    resource.registry.for_each(|key, entry| {
+        list = list.list_prepend((key_term(env, key), encoder.info(entry, true)));
+    });
+    list
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
