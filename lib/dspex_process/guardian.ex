@@ -504,6 +504,15 @@ defmodule DSPexProcess.Guardian do
 
   defp notice({:released, released}, state), do: release(state, released)
 
+  defp notice({:unread, pid, worker_id, reason}, state) do
+    Logger.warning(
+      "DSPexProcess.Guardian: worker #{inspect(worker_id)} registered OS process #{pid}, " <>
+        "which could not be read afterwards (#{reason}); it is recorded without one"
+    )
+
+    state
+  end
+
   defp end_everything(state) do
     registered = verified_live(state)
     targets = Enum.uniq(Map.keys(state.pending) ++ registered)

@@ -76,6 +76,7 @@ defmodule DSPexProcess.Native do
   def registry_stats(_registry), do: not_loaded()
   def guardian_attach(_pid), do: not_loaded()
   def guardian_take_notices, do: not_loaded()
+  def registry_staged, do: not_loaded()
   def registries_live(_registries), do: not_loaded()
   def registries_hold(_registries, _targets), do: not_loaded()
   def registry_guarded(_registry), do: not_loaded()

@@ -32,11 +32,11 @@ pub mod terminate;
 mod test_util;
 
 pub use error::{Error, Result};
-pub use identity::ProcessIdentity;
+pub use identity::{PinnedProcess, PinnedRead, ProcessIdentity};
 pub use pid::Pid;
 pub use proc_facts::{
-    is_beam, is_port_child_of, is_port_helper_of, port_child_start, read_uid, uptime_ticks,
-    ProcessFacts, ProcessState, Stat, PORT_HELPER,
+    is_beam, is_port_child_of, is_port_helper_of, port_child_start, proc_stat_readable_by_all,
+    read_uid, uptime_ticks, ProcessFacts, ProcessState, Stat, PORT_HELPER,
 };
 pub use registry::{DetachedKeys, Registry, RegistryStats, WorkerEntry};
 

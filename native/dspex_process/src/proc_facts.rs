@@ -337,8 +337,57 @@ pub fn uptime_ticks(ticks_per_second: u64) -> u64 {
         .map_or(0, |secs| (secs * ticks_per_second as f64) as u64)
 }
 
+/// Whether `/proc`, as mounted for this process (`mountinfo`: `/proc/self/mountinfo`),
+/// lets every process's `/proc/PID/stat` be read: no `hidepid` other than 0 and no
+/// `subset`. Only then can a start time be read later without a chance of EACCES or of a
+/// live process that looks absent. No `/proc` mount found: `false`.
+pub fn proc_stat_readable_by_all(mountinfo: &str) -> bool {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let mount_point = fields.nth(4)?;
+            let rest: Vec<&str> = fields.collect();
+            let separator = rest.iter().position(|f| *f == "-")?;
+            let fstype = rest.get(separator + 1)?;
+            let super_options = rest.get(separator + 3).copied().unwrap_or("");
+            (mount_point == "/proc" && *fstype == "proc").then_some(super_options)
+        })
+        .next_back()
+        .is_some_and(|options| {
+            options.split(',').all(|option| {
+                let hides = option.starts_with("subset=")
+                    || option.starts_with("hidepid=")
+                        && !matches!(option, "hidepid=0" | "hidepid=off");
+                !hides
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn proc_is_readable_by_all_only_without_hidepid_or_subset() {
+        let line = |opts: &str| {
+            format!(
+                "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc {opts}\n"
+            )
+        };
+        let sys = "23 1 0:22 / /sys rw - sysfs sysfs rw\n";
+        assert!(proc_stat_readable_by_all(&(sys.to_owned() + &line("rw"))));
+        assert!(proc_stat_readable_by_all(&line("rw,hidepid=0")));
+        assert!(proc_stat_readable_by_all(&line("rw,hidepid=off")));
+        assert!(!proc_stat_readable_by_all(&line("rw,hidepid=2")));
+        assert!(!proc_stat_readable_by_all(&line("rw,hidepid=invisible")));
+        assert!(!proc_stat_readable_by_all(&line("rw,subset=pid")));
+        // The last /proc mount is the one that shows.
+        assert!(!proc_stat_readable_by_all(
+            &(line("rw") + &line("rw,hidepid=2"))
+        ));
+        assert!(!proc_stat_readable_by_all(sys));
+        assert!(!proc_stat_readable_by_all(""));
+    }
     use super::*;
     use std::process::Command;
 

@@ -349,6 +349,17 @@ where
             .collect()
     }
 
+    /// Removes `key` if its entry belongs to `owner` and that owner was found dead when it
+    /// registered: for a registration applied after its caller saw the owner alive, whose
+    /// owner died in between (it must leave as if the owner had died after registering).
+    pub fn remove_if_dead<Q>(&self, key: &Q, owner: &O) -> Option<(K, WorkerEntry<O>)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.take(key, |e| !e.alive && e.owner == *owner)
+    }
+
     /// Removes the entries whose owner was already dead when they registered.
     pub fn remove_dead(&self) -> Vec<K> {
         let dead: Vec<K> = self
@@ -596,7 +607,21 @@ mod tests {
         assert_eq!(reg.dead().len(), 1);
         assert_eq!(reg.by_fingerprint("fp_1").len(), 2);
 
+        assert!(
+            reg.remove_if_dead("live", &1).is_none(),
+            "a live owner's entry stays"
+        );
+        assert!(
+            reg.remove_if_dead("dead", &1).is_none(),
+            "another owner's entry stays"
+        );
         assert_eq!(reg.remove_dead(), vec!["dead".to_string()]);
+        reg.register("late".into(), entry(3, Some(30)), |_| false);
+        assert_eq!(
+            reg.remove_if_dead("late", &3).map(|(k, _)| k),
+            Some("late".into())
+        );
+        assert_eq!(reg.len(), 2);
         assert_eq!(reg.len(), 2);
         assert_eq!(reg.watched_owners(), 1, "the dead owner was never watched");
     }

@@ -2,7 +2,7 @@
 //! wrappers `rustix` (pidfds, poll, flock, openat, priorities) and `nix` (kill, rlimits).
 //!
 //! One call stays hand-written: `pidfd_send_signal` with `PIDFD_SIGNAL_PROCESS_GROUP`
-//! (Linux 6.9), whose flags argument neither crate exposes. Errors are plain errnos
+//! (Linux 6.9) or with signal 0, which neither crate takes. Errors are plain errnos
 //! (`i32`), the unit the rest of the core reports in.
 
 use crate::pid::Pid;
@@ -34,15 +34,26 @@ pub(crate) fn pidfd_send_signal(fd: &OwnedFd, signal: i32) -> Result<(), i32> {
 /// Sends `signal` to the process group of the process behind a pidfd. EINVAL on kernels
 /// before 6.9, which lack the flag.
 pub(crate) fn pidfd_signal_group(fd: &OwnedFd, signal: i32) -> Result<(), i32> {
+    raw_pidfd_send_signal(fd, signal, PIDFD_SIGNAL_PROCESS_GROUP)
+}
+
+/// Whether the process behind a pidfd still holds its pid (running or a zombie): signal 0,
+/// which checks without sending. `Err(ESRCH)` once it is reaped; EPERM means it exists but
+/// is another user's.
+pub(crate) fn pidfd_probe(fd: &OwnedFd) -> Result<(), i32> {
+    raw_pidfd_send_signal(fd, 0, 0)
+}
+
+fn raw_pidfd_send_signal(fd: &OwnedFd, signal: i32, flags: libc::c_uint) -> Result<(), i32> {
     // SAFETY: a plain syscall on a descriptor we own; a null siginfo is allowed. Neither
-    // rustix nor nix takes the flags argument of pidfd_send_signal.
+    // rustix nor nix takes the flags argument, nor signal 0, of pidfd_send_signal.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             fd.as_raw_fd(),
             signal,
             std::ptr::null::<libc::siginfo_t>(),
-            PIDFD_SIGNAL_PROCESS_GROUP,
+            flags,
         )
     };
     if rc < 0 {

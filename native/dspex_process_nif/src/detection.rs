@@ -111,7 +111,7 @@ fn detect<'a>(
         Err(_) => return Err(atoms::invalid_pattern()),
     };
     let registered: HashSet<ProcessIdentity> =
-        registries.iter().flat_map(|r| r.live_python()).collect();
+        registries.iter().flat_map(|r| r.live_python(env)).collect();
     let view = Viewpoint {
         beam: crate::process_info::this_beam(),
         registered,

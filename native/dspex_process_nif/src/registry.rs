@@ -1,19 +1,22 @@
 //! The worker registry as a NIF resource. The resource lives as long as any term refers
 //! to it (the Elixir side keeps one in `:persistent_term`), so it outlives the GenServer.
 
-use dspex_process::{Pid, ProcessIdentity, Registry, RegistryStats, WorkerEntry};
+use dspex_process::{
+    Pid, PinnedProcess, PinnedRead, ProcessIdentity, Registry, RegistryStats, WorkerEntry,
+};
 use rustler::sys::ErlNifTerm;
 use rustler::types::binary::NewBinary;
 use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, NifMap, OwnedEnv, ResourceArc, Term};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod atoms {
     rustler::atoms! {
-        ok, error, nil, not_found, dspex_notices, registered, released,
+        ok, error, nil, not_found, dspex_notices, registered, released, unread,
         elixir_pid, fingerprint, python_pid, python_start_time, registered_at,
     }
 }
@@ -38,44 +41,59 @@ enum Notice {
     },
     /// Only guarded registries' releases are queued.
     Released(Vec<(ProcessIdentity, WorkerKey)>),
+    /// A staged registration whose process could not be read (it is recorded without one).
+    Unread {
+        pid: i32,
+        key: WorkerKey,
+        reason: &'static str,
+    },
 }
 
 /// Notices not yet taken by the guardian. A message built and sent per registration cost
 /// about a microsecond on the caller's scheduler (the copy and the guardian's wake-up); a
 /// push here costs an uncontended lock. The guardian is woken by one `:dspex_notices`
-/// message when the queue stops being empty, and takes everything with
-/// `guardian_take_notices/0`.
+/// message, sent when none is outstanding, and takes everything with
+/// `guardian_take_notices/0` (which applies staged registrations first).
 static NOTICES: Mutex<Vec<Notice>> = Mutex::new(Vec::new());
+/// A `:dspex_notices` message is on its way and not yet acted on.
+static WAKE_SENT: AtomicBool = AtomicBool::new(false);
 
-/// How a notice's wake-up is sent: from a NIF's or a callback's env, or from a thread.
+/// How a wake-up is sent: from a NIF's or a callback's env, or from a thread.
 enum Sender<'a> {
     Env(Env<'a>),
     Thread,
 }
 
-/// Queues `notice` when a guardian is attached, and wakes it if the queue was empty.
-fn notify(sender: Sender, notice: Notice) {
+/// Wakes the guardian unless a wake-up is already on its way. A failed send (the guardian
+/// just exited) loses nothing: the queues are kept for the next guardian, which takes them
+/// when it attaches.
+fn wake(sender: Sender) {
     let Some(guardian) = guardian() else {
         return;
     };
-    let was_empty = {
-        let mut queue = NOTICES.lock().unwrap_or_else(|e| e.into_inner());
-        let was_empty = queue.is_empty();
-        queue.push(notice);
-        was_empty
-    };
-    if was_empty {
-        // A failed send (the guardian just exited) loses nothing: the queue is kept for
-        // the next guardian, which takes it when it attaches.
-        match sender {
-            Sender::Env(env) => {
-                let _ = env.send(&guardian, atoms::dspex_notices());
-            }
-            Sender::Thread => {
-                let _ = OwnedEnv::new().send_and_clear(&guardian, |_| atoms::dspex_notices());
-            }
+    if WAKE_SENT.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    match sender {
+        Sender::Env(env) => {
+            let _ = env.send(&guardian, atoms::dspex_notices());
+        }
+        Sender::Thread => {
+            let _ = OwnedEnv::new().send_and_clear(&guardian, |_| atoms::dspex_notices());
         }
     }
+}
+
+/// Queues `notice` when a guardian is attached, and wakes it.
+fn notify(sender: Sender, notice: Notice) {
+    if guardian().is_none() {
+        return;
+    }
+    NOTICES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(notice);
+    wake(sender);
 }
 
 /// Tells the guardian that `released` left a guarded registry.
@@ -105,8 +123,10 @@ pub struct RegistryResource {
 }
 
 impl RegistryResource {
-    /// Python processes of workers whose Elixir process is alive.
-    pub(crate) fn live_python(&self) -> Vec<ProcessIdentity> {
+    /// Python processes of workers whose Elixir process is alive, staged registrations
+    /// included (they are applied first).
+    pub(crate) fn live_python(&self, env: Env) -> Vec<ProcessIdentity> {
+        settle(env);
         self.registry.active_python()
     }
 }
@@ -164,10 +184,14 @@ fn released(removed: Vec<(WorkerKey, WorkerEntry<LocalPid>)>) -> Vec<(ProcessIde
         .collect()
 }
 
-/// Takes every queued notice, oldest first: `{:registered, {pid, start_time}, worker_id,
-/// owner, guarded, port_child}` and `{:released, [{pid, start_time, worker_id}]}`.
-#[rustler::nif]
+/// Applies staged registrations, then takes every queued notice, oldest first:
+/// `{:registered, {pid, start_time}, worker_id, owner, guarded, port_child}`,
+/// `{:released, [{pid, start_time, worker_id}]}` and `{:unread, pid, worker_id, reason}`.
+#[rustler::nif(schedule = "DirtyIo")]
 fn guardian_take_notices(env: Env) -> Term {
+    // Cleared first: a notice queued from here on sends a new wake-up.
+    WAKE_SENT.store(false, Ordering::SeqCst);
+    settle(env);
     let notices = std::mem::take(&mut *NOTICES.lock().unwrap_or_else(|e| e.into_inner()));
     let terms: Vec<Term> = notices
         .iter()
@@ -194,6 +218,13 @@ fn guardian_take_notices(env: Env) -> Term {
                     .collect();
                 (atoms::released(), list).encode(env)
             }
+            Notice::Unread { pid, key, reason } => (
+                atoms::unread(),
+                *pid,
+                key_term(env, key),
+                crate::atom(env, reason),
+            )
+                .encode(env),
         })
         .collect();
     terms.encode(env)
@@ -368,9 +399,13 @@ fn registry_new(guarded: bool) -> ResourceArc<RegistryResource> {
     })
 }
 
-/// One small read of /proc/PID/stat, well under a millisecond: fine on a normal scheduler.
-/// The same read says whether the process is a port program of this VM (its parent is this
-/// VM's port helper): the guardian ends only those.
+/// Registers a worker. With an OS pid, its identity (start time) and whether it is a port
+/// program of this VM come from one read of `/proc/PID/stat`. That read costs several µs
+/// (most of a registration), so when it can be done later without changing any answer,
+/// it is: the process is pinned with a pidfd now, the registration is staged, and the read
+/// is done by the guardian (woken for it) or by the next registry call of anyone, which
+/// applies staged registrations first, in order (see [`settle`]). Otherwise (no guardian,
+/// `/proc` with `hidepid`, no pidfd, too many staged, an owner already dead) it is read now.
 #[rustler::nif]
 fn registry_register<'a>(
     env: Env<'a>,
@@ -380,8 +415,35 @@ fn registry_register<'a>(
     python_pid: Option<i64>,
     fingerprint: &str,
 ) -> Term<'a> {
-    let read = python_pid.map(|raw| {
-        let pid = Pid::new(raw)?;
+    let pid = match python_pid.map(Pid::new).transpose() {
+        Ok(pid) => pid,
+        Err(e) => return (atoms::error(), crate::atom(env, e.reason())).encode(env),
+    };
+    let key: WorkerKey = with_key(worker_id, |bytes| Arc::from(bytes));
+    let registration = Registration {
+        key,
+        owner: elixir_pid,
+        fingerprint: resource.registry.intern(fingerprint),
+        registered_at: unix_seconds(),
+    };
+    if let Some(pid) = pid {
+        if can_stage(env, elixir_pid) {
+            match PinnedProcess::open(pid) {
+                Ok(pinned) => {
+                    stage(env, resource, registration, pinned);
+                    return atoms::ok().encode(env);
+                }
+                Err(e @ dspex_process::Error::NoSuchProcess(_)) => {
+                    return (atoms::error(), crate::atom(env, e.reason())).encode(env)
+                }
+                // No pidfd (EMFILE, an old kernel): read now.
+                Err(_) => {}
+            }
+        }
+    }
+    // Staged registrations come first: this one must not overtake them.
+    settle(env);
+    let read = pid.map(|pid| {
         let stat = dspex_process::Stat::read(pid.as_raw())?;
         let identity = ProcessIdentity {
             pid,
@@ -397,16 +459,140 @@ fn registry_register<'a>(
         ),
         Some(Err(e)) => return (atoms::error(), crate::atom(env, e.reason())).encode(env),
     };
+    apply(env, &resource, registration, python, port_child, false);
+    atoms::ok().encode(env)
+}
+
+/// A registration's own data, whether applied now or staged.
+struct Registration {
+    key: WorkerKey,
+    owner: LocalPid,
+    fingerprint: Arc<str>,
+    registered_at: u64,
+}
+
+/// A registration whose OS process is pinned and whose identity is not read yet.
+struct Staged {
+    resource: ResourceArc<RegistryResource>,
+    registration: Registration,
+    pinned: PinnedProcess,
+}
+
+/// Staged registrations, oldest first, and how many are staged or being applied.
+static STAGED: Mutex<Vec<Staged>> = Mutex::new(Vec::new());
+static STAGED_COUNT: AtomicUsize = AtomicUsize::new(0);
+/// Held while staged registrations are applied, so that a caller of [`settle`] returns only
+/// once every registration staged before its call is in its registry.
+static SETTLING: Mutex<()> = Mutex::new(());
+/// Past this many staged registrations, a registration reads its process now: staged ones
+/// hold a pidfd each, and whoever applies them does one `/proc` read each.
+const STAGED_MAX: usize = 16;
+
+/// Whether this registration may be staged: a guardian will apply it soon; `/proc` lets
+/// every process's stat be read later (no `hidepid`, so a staged read fails only if the
+/// process is gone); few are staged; and its owner is alive (a registration for a dead
+/// owner is recorded as dead now, as without staging).
+fn can_stage(env: Env, owner: LocalPid) -> bool {
+    static PROC_READABLE: OnceLock<bool> = OnceLock::new();
+    guardian().is_some()
+        && STAGED_COUNT.load(Ordering::SeqCst) < STAGED_MAX
+        && *PROC_READABLE.get_or_init(|| {
+            std::fs::read_to_string("/proc/self/mountinfo")
+                .is_ok_and(|m| dspex_process::proc_stat_readable_by_all(&m))
+        })
+        && owner.is_alive(env)
+}
+
+fn stage(
+    env: Env,
+    resource: ResourceArc<RegistryResource>,
+    registration: Registration,
+    pinned: PinnedProcess,
+) {
+    {
+        let mut staged = STAGED.lock().unwrap_or_else(|e| e.into_inner());
+        staged.push(Staged {
+            resource,
+            registration,
+            pinned,
+        });
+        STAGED_COUNT.fetch_add(1, Ordering::SeqCst);
+    }
+    wake(Sender::Env(env));
+}
+
+/// Applies every staged registration, oldest first, reading each one's process. Every
+/// registry call does this first, so staging changes no answer: a registration is in its
+/// registry before anything can read or change that registry after it. Cheap when nothing
+/// is staged (one atomic load).
+pub(crate) fn settle(env: Env) {
+    if STAGED_COUNT.load(Ordering::SeqCst) == 0 {
+        return;
+    }
+    let _settling = SETTLING.lock().unwrap_or_else(|e| e.into_inner());
+    let batch = std::mem::take(&mut *STAGED.lock().unwrap_or_else(|e| e.into_inner()));
+    for staged in batch {
+        let (python, port_child) = match staged.pinned.read() {
+            Ok(PinnedRead::Present { identity, ppid }) => (
+                Some(identity),
+                crate::process_info::is_port_child_by_parent(ppid),
+            ),
+            // It exited and was reaped before it was read: nothing is left of it to track
+            // or to end; the entry is recorded without an OS process.
+            Ok(PinnedRead::Gone) => (None, false),
+            // Not expected with a readable /proc (checked before staging); the entry is
+            // recorded without an OS process, and the guardian says so.
+            Err(e) => {
+                notify(
+                    Sender::Env(env),
+                    Notice::Unread {
+                        pid: staged.pinned.pid().as_raw(),
+                        key: Arc::clone(&staged.registration.key),
+                        reason: e.reason(),
+                    },
+                );
+                (None, false)
+            }
+        };
+        drop(staged.pinned);
+        apply(
+            env,
+            &staged.resource,
+            staged.registration,
+            python,
+            port_child,
+            true,
+        );
+        STAGED_COUNT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Puts a registration in its registry and tells the guardian. `staged`: its caller saw the
+/// owner alive, so an owner found dead now died after registering, and its entry leaves at
+/// once, as the owner's `down` would have taken it.
+fn apply(
+    env: Env,
+    resource: &ResourceArc<RegistryResource>,
+    registration: Registration,
+    python: Option<ProcessIdentity>,
+    port_child: bool,
+    staged: bool,
+) {
+    let Registration {
+        key,
+        owner,
+        fingerprint,
+        registered_at,
+    } = registration;
     let entry = WorkerEntry {
-        owner: elixir_pid,
+        owner,
         python,
-        fingerprint: resource.registry.intern(fingerprint),
-        registered_at: unix_seconds(),
+        fingerprint,
+        registered_at,
         alive: false,
     };
-    let key: WorkerKey = with_key(worker_id, |bytes| Arc::from(bytes));
     let replaced = resource.registry.register(Arc::clone(&key), entry, |pid| {
-        env.monitor(&resource, pid).is_some()
+        env.monitor(resource, pid).is_some()
     });
     if let Some(identity) = python {
         // Unguarded registrations are told too, for leak checks; the guardian ends only
@@ -414,16 +600,22 @@ fn registry_register<'a>(
         let notice = Notice::Registered {
             identity,
             key: Arc::clone(&key),
-            owner: elixir_pid,
+            owner,
             guarded: resource.guarded,
             port_child,
         };
         notify(Sender::Env(env), notice);
     }
+    let mut released = Vec::new();
     if let Some(old) = replaced {
-        notify_released(Sender::Env(env), resource.guarded, vec![(old, key)]);
+        released.push((old, Arc::clone(&key)));
     }
-    atoms::ok().encode(env)
+    if staged {
+        if let Some((key, entry)) = resource.registry.remove_if_dead(&key, &owner) {
+            released.extend(entry.python.map(|p| (p, key)));
+        }
+    }
+    notify_released(Sender::Env(env), resource.guarded, released);
 }
 
 #[rustler::nif]
@@ -432,6 +624,7 @@ fn registry_unregister<'a>(
     resource: ResourceArc<RegistryResource>,
     worker_id: Term<'a>,
 ) -> Atom {
+    settle(env);
     let removed = with_key(worker_id, |key| {
         let (key, entry) = resource.registry.remove(key)?;
         Some((entry.python?, key))
@@ -440,6 +633,13 @@ fn registry_unregister<'a>(
         notify_released(Sender::Env(env), resource.guarded, vec![released]);
     }
     atoms::ok()
+}
+
+/// How many registrations are staged (their process pinned, not read yet) across this
+/// VM's registries: normally 0 a few µs after a registration.
+#[rustler::nif]
+fn registry_staged() -> usize {
+    STAGED_COUNT.load(Ordering::SeqCst)
 }
 
 /// Whether the guardian looks after this registry's processes (its `:guardian` option).
@@ -458,11 +658,11 @@ fn guardian_attach(pid: Option<LocalPid>) -> Atom {
 
 /// The `{pid, start_time}` of every live worker of the guarded ones of `registries`.
 #[rustler::nif(schedule = "DirtyCpu")]
-fn registries_live(registries: Vec<ResourceArc<RegistryResource>>) -> Vec<(i32, u64)> {
+fn registries_live(env: Env, registries: Vec<ResourceArc<RegistryResource>>) -> Vec<(i32, u64)> {
     registries
         .iter()
         .filter(|r| r.guarded)
-        .flat_map(|r| r.live_python())
+        .flat_map(|r| r.live_python(env))
         .map(|id| (id.pid.as_raw(), id.start_time))
         .collect()
 }
@@ -471,13 +671,14 @@ fn registries_live(registries: Vec<ResourceArc<RegistryResource>>) -> Vec<(i32, 
 /// `registries` names it, `false` when only unguarded ones do, `nil` when none does.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registries_hold(
+    env: Env,
     registries: Vec<ResourceArc<RegistryResource>>,
     targets: Vec<(i64, u64)>,
 ) -> Vec<Option<bool>> {
     // identity => held by a guarded registry (true) or only by unguarded ones (false)
     let mut held: std::collections::HashMap<(i64, u64), bool> = std::collections::HashMap::new();
     for r in &registries {
-        for id in r.live_python() {
+        for id in r.live_python(env) {
             let guarded = held
                 .entry((i64::from(id.pid.as_raw()), id.start_time))
                 .or_default();
@@ -494,6 +695,7 @@ fn registry_get<'a>(
     resource: ResourceArc<RegistryResource>,
     worker_id: Term<'a>,
 ) -> Term<'a> {
+    settle(env);
     let mut encoder = InfoEncoder::new(env);
     let info = with_key(worker_id, |key| {
         resource.registry.get_with(key, |e| encoder.info(e, false))
@@ -508,6 +710,7 @@ fn registry_get<'a>(
 /// intermediate vector).
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registry_list(env: Env, resource: ResourceArc<RegistryResource>) -> Term {
+    settle(env);
     let mut encoder = InfoEncoder::new(env);
     let mut list = Term::list_new_empty(env);
     resource.registry.for_each(|key, entry| {
@@ -522,13 +725,14 @@ fn registry_by_fingerprint<'a>(
     resource: ResourceArc<RegistryResource>,
     fingerprint: &str,
 ) -> Term<'a> {
+    settle(env);
     InfoEncoder::new(env).pairs(resource.registry.by_fingerprint(fingerprint))
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
-fn registry_active_python_pids(resource: ResourceArc<RegistryResource>) -> Vec<i32> {
+fn registry_active_python_pids(env: Env, resource: ResourceArc<RegistryResource>) -> Vec<i32> {
     resource
-        .live_python()
+        .live_python(env)
         .into_iter()
         .map(|id| id.pid.as_raw())
         .collect()
@@ -536,11 +740,13 @@ fn registry_active_python_pids(resource: ResourceArc<RegistryResource>) -> Vec<i
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registry_dead_workers(env: Env, resource: ResourceArc<RegistryResource>) -> Term {
+    settle(env);
     InfoEncoder::new(env).pairs(resource.registry.dead())
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registry_remove_dead(env: Env, resource: ResourceArc<RegistryResource>) -> Vec<Term> {
+    settle(env);
     resource
         .registry
         .remove_dead()
@@ -550,6 +756,7 @@ fn registry_remove_dead(env: Env, resource: ResourceArc<RegistryResource>) -> Ve
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
-fn registry_stats(resource: ResourceArc<RegistryResource>) -> Stats {
+fn registry_stats(env: Env, resource: ResourceArc<RegistryResource>) -> Stats {
+    settle(env);
     resource.registry.stats().into()
 }
