@@ -53,7 +53,7 @@ enum Keys<K> {
     One(K),
     // Boxed so that the common `One` record is 24 bytes, not the 56 of an inline set.
     #[allow(clippy::box_collection)]
-    Many(Box<HashSet<K>>),
+    Many(Box<HashSet<K, foldhash::fast::RandomState>>),
 }
 
 impl<K: Eq + Hash + Clone> Keys<K> {
@@ -61,7 +61,11 @@ impl<K: Eq + Hash + Clone> Keys<K> {
         match std::mem::replace(self, Keys::None) {
             Keys::None => *self = Keys::One(key),
             Keys::One(k) if k == key => *self = Keys::One(k),
-            Keys::One(k) => *self = Keys::Many(Box::new(HashSet::from([k, key]))),
+            Keys::One(k) => {
+                let mut keys = HashSet::with_hasher(foldhash::fast::RandomState::default());
+                keys.extend([k, key]);
+                *self = Keys::Many(Box::new(keys));
+            }
             Keys::Many(mut ks) => {
                 ks.insert(key);
                 *self = Keys::Many(ks);
