@@ -377,9 +377,12 @@ defmodule DSPexProcess.Guardian do
   # Releases
 
   defp release(state, released) do
-    # What was never verified as this VM's port program is not the guardian's to end.
+    # What is not verified as this VM's port program is not the guardian's to end. A
+    # release this guardian never saw registered (queued before a predecessor was killed)
+    # is verified now, as at registration.
     case Enum.filter(released, fn {pid, start, _} ->
-           MapSet.member?(state.verified, {pid, start})
+           MapSet.member?(state.verified, {pid, start}) or
+             Native.port_child_identity?(pid, start)
          end) do
       [] -> state
       verified -> release_verified(state, verified)

@@ -7,8 +7,8 @@ defmodule DSPex.Python.ProcessRegistry do
   registry's name, so a crash and restart of the registry process loses no registration.
 
   Each entry records the Python process by **pid and start time** (read from
-  `/proc/PID/stat` when the worker registers), so a recycled pid can never pass for the
-  process that was registered.
+  `/proc/PID/stat` for the process pinned by a pidfd when the worker registered), so a
+  recycled pid can never pass for the process that was registered.
 
   When a worker's Elixir process exits, its entries leave the registry at once: the
   resource monitors every registered Elixir pid. A periodic sweep (`:cleanup_interval`)
@@ -156,7 +156,8 @@ defmodule DSPex.Python.ProcessRegistry do
   Registers a worker. Re-registering an id replaces its entry.
 
   `python_pid` is the OS pid of the worker's process (`Port.info(port, :os_pid)`), or `nil`
-  when unknown. Its start time is read now; `{:error, :no_such_process}` if it does not
+  when unknown. It is pinned now and its start time read before any registry call answers
+  (see the registry section of `guides/usage.md`); `{:error, :no_such_process}` if it does not
   exist. Raises `ArgumentError` for a non-local or non-pid `elixir_pid`, a `python_pid` that
   is not an integer greater than 1, the BEAM's own OS pid, or a non-binary fingerprint.
   """

@@ -30,7 +30,8 @@ fn guardian() -> Option<LocalPid> {
 }
 
 /// What the guardian is told, in the order it happened (one queue for every registry, so
-/// a release never overtakes the registration it undoes).
+/// a release never overtakes the registration it undoes: a registration is told before
+/// its entry is in).
 enum Notice {
     Registered {
         identity: ProcessIdentity,
@@ -256,7 +257,9 @@ struct InfoEncoder<'a> {
     env: Env<'a>,
     keys: [ErlNifTerm; 5],
     nil: Term<'a>,
-    fingerprints: HashMap<*const u8, Term<'a>>,
+    /// Keyed by the fingerprint's address; the `Arc` is kept so that the address cannot be
+    /// freed and reused by another fingerprint during the listing.
+    fingerprints: HashMap<*const u8, (Arc<str>, Term<'a>)>,
 }
 
 /// Fingerprint terms remembered per listing; past this, the rest are made one by one.
@@ -284,18 +287,19 @@ impl<'a> InfoEncoder<'a> {
     fn fingerprint(&mut self, fingerprint: &Arc<str>, shared: bool) -> Term<'a> {
         let env = self.env;
         let make = || -> Term<'a> { NewBinary::from_slice(env, fingerprint.as_bytes()).into() };
-        // Two references are the entry's and the index's: no other entry has it, so a
-        // remembered term would never be used again.
-        if !shared || Arc::strong_count(fingerprint) <= 2 {
+        // Three references are the entry's, the index's and the listing's copy: no other
+        // entry has it, so a remembered term would never be used again.
+        if !shared || Arc::strong_count(fingerprint) <= 3 {
             return make();
         }
         let at = fingerprint.as_ptr();
-        if let Some(term) = self.fingerprints.get(&at) {
+        if let Some((_, term)) = self.fingerprints.get(&at) {
             return *term;
         }
         let term = make();
         if self.fingerprints.len() < FINGERPRINT_CACHE {
-            self.fingerprints.insert(at, term);
+            self.fingerprints
+                .insert(at, (Arc::clone(fingerprint), term));
         }
         term
     }
@@ -476,7 +480,13 @@ struct Staged {
     resource: ResourceArc<RegistryResource>,
     registration: Registration,
     pinned: PinnedProcess,
+    /// Reads that failed so far (see [`settle`]).
+    attempts: u8,
 }
+
+/// Reads of a staged process that fail (with the process still there) before it is given
+/// up and recorded without an OS process.
+const READ_ATTEMPTS: u8 = 3;
 
 /// Staged registrations, oldest first, and how many are staged or being applied.
 static STAGED: Mutex<Vec<Staged>> = Mutex::new(Vec::new());
@@ -515,6 +525,7 @@ fn stage(
             resource,
             registration,
             pinned,
+            attempts: 0,
         });
         STAGED_COUNT.fetch_add(1, Ordering::SeqCst);
     }
@@ -531,7 +542,8 @@ pub(crate) fn settle(env: Env) {
     }
     let _settling = SETTLING.lock().unwrap_or_else(|e| e.into_inner());
     let batch = std::mem::take(&mut *STAGED.lock().unwrap_or_else(|e| e.into_inner()));
-    for staged in batch {
+    let mut batch = batch.into_iter();
+    while let Some(mut staged) = batch.next() {
         let (python, port_child) = match staged.pinned.read() {
             Ok(PinnedRead::Present { identity, ppid }) => (
                 Some(identity),
@@ -540,8 +552,20 @@ pub(crate) fn settle(env: Env) {
             // It exited and was reaped before it was read: nothing is left of it to track
             // or to end; the entry is recorded without an OS process.
             Ok(PinnedRead::Gone) => (None, false),
-            // Not expected with a readable /proc (checked before staging); the entry is
-            // recorded without an OS process, and the guardian says so.
+            // The process is there but its stat could not be read (out of descriptors or
+            // memory; /proc was checked readable before staging): it and everything staged
+            // after it wait, in order, for the next settle, up to READ_ATTEMPTS reads.
+            Err(_) if staged.attempts + 1 < READ_ATTEMPTS => {
+                staged.attempts += 1;
+                let mut queue = STAGED.lock().unwrap_or_else(|e| e.into_inner());
+                let later = std::mem::take(&mut *queue);
+                queue.push(staged);
+                queue.extend(batch);
+                queue.extend(later);
+                return;
+            }
+            // Given up: the entry is recorded without an OS process, and the guardian
+            // logs it.
             Err(e) => {
                 notify(
                     Sender::Env(env),
@@ -591,9 +615,8 @@ fn apply(
         registered_at,
         alive: false,
     };
-    let replaced = resource.registry.register(Arc::clone(&key), entry, |pid| {
-        env.monitor(resource, pid).is_some()
-    });
+    // Told before the entry is in: whatever removes it (its owner's `down` on another
+    // scheduler, an unregister) can only queue its release after this.
     if let Some(identity) = python {
         // Unguarded registrations are told too, for leak checks; the guardian ends only
         // guarded ones.
@@ -606,6 +629,9 @@ fn apply(
         };
         notify(Sender::Env(env), notice);
     }
+    let replaced = resource.registry.register(Arc::clone(&key), entry, |pid| {
+        env.monitor(resource, pid).is_some()
+    });
     let mut released = Vec::new();
     if let Some(old) = replaced {
         released.push((old, Arc::clone(&key)));
@@ -706,16 +732,16 @@ fn registry_get<'a>(
     }
 }
 
-/// Built from the entries in place, straight into a list (no copy of the entries, no
-/// intermediate vector).
+/// A snapshot of the entries (taken shard by shard, each lock held only for the copy),
+/// encoded straight into a list.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registry_list(env: Env, resource: ResourceArc<RegistryResource>) -> Term {
     settle(env);
     let mut encoder = InfoEncoder::new(env);
     let mut list = Term::list_new_empty(env);
-    resource.registry.for_each(|key, entry| {
-        list = list.list_prepend((key_term(env, key), encoder.info(entry, true)));
-    });
+    for (key, entry) in resource.registry.entries() {
+        list = list.list_prepend((key_term(env, &key), encoder.info(&entry, true)));
+    }
     list
 }
 
