@@ -288,6 +288,38 @@ defmodule DSPexProcess.ProcessRegistryTest do
     end
   end
 
+  test "a listing under fingerprint churn gives each entry its own fingerprint", %{reg: reg} do
+    for i <- 1..50_000,
+        do: :ok = ProcessRegistry.register_worker({:filler, i}, self(), nil, "filler", reg)
+
+    parent = self()
+
+    # Fingerprints freed and made again while the listings run: a listing must never give
+    # an entry a fingerprint that another entry had.
+    churner =
+      spawn_link(fn ->
+        Stream.repeatedly(fn ->
+          for {tag, fp} <- [a: "fpAAAA", b: "fpBBBB"] do
+            for i <- 1..200,
+                do: :ok = ProcessRegistry.register_worker({tag, i}, parent, nil, fp, reg)
+
+            for i <- 1..200, do: :ok = ProcessRegistry.unregister_worker({tag, i}, reg)
+          end
+        end)
+        |> Stream.run()
+      end)
+
+    wrong =
+      for _ <- 1..30,
+          {{tag, _}, %{fingerprint: fp}} <- ProcessRegistry.list_all_workers(reg),
+          fp != %{filler: "filler", a: "fpAAAA", b: "fpBBBB"}[tag],
+          do: {tag, fp}
+
+    Process.unlink(churner)
+    Process.exit(churner, :kill)
+    assert wrong == []
+  end
+
   test "100 processes register and unregister concurrently", %{reg: reg} do
     parent = self()
 

@@ -395,15 +395,6 @@ where
         self.entries.get(key).map(|e| read(e.value()))
     }
 
-    /// Calls `visit` with every entry in place, one shard's read lock at a time: `visit`
-    /// must be short and must not call back into the registry. Listings read entries this
-    /// way, without copying them out first.
-    pub fn for_each(&self, mut visit: impl FnMut(&K, &WorkerEntry<O>)) {
-        for e in self.entries.iter() {
-            visit(e.key(), e.value());
-        }
-    }
-
     /// A snapshot of every entry.
     pub fn entries(&self) -> Vec<(K, WorkerEntry<O>)> {
         self.select(|_| true)
