@@ -71,6 +71,8 @@ defmodule DSPexProcess.Guardian do
   alias DSPexProcess.{Native, Termination}
 
   @ms {:integer, 0, 600_000}
+  # How long the guardian lets releases gather before it takes them.
+  @release_batch_ms 2
   @schema [
     end_released: {true, :boolean},
     release_delay_ms: {500, @ms},
@@ -228,6 +230,13 @@ defmodule DSPexProcess.Guardian do
   @impl true
   def handle_info(:dspex_notices, state) do
     {:noreply, take_notices(state)}
+  end
+
+  # Releases only: taken a few ms later, so that a burst of them wakes the guardian once
+  # (a released process is ended only after `release_delay_ms` anyway).
+  def handle_info(:dspex_notices_soon, state) do
+    Process.send_after(self(), :dspex_notices, @release_batch_ms)
+    {:noreply, state}
   end
 
   def handle_info(:check, state) do
@@ -484,7 +493,7 @@ defmodule DSPexProcess.Guardian do
     do: reason in [:normal, :shutdown] or match?({:shutdown, _}, reason)
 
   # The registries queue their notices natively, in order, and wake the guardian with one
-  # `:dspex_notices` message when the queue stops being empty (see `Native`).
+  # message while it has some to take (see `registry.rs` in the NIF).
   defp take_notices(state) do
     Enum.reduce(Native.guardian_take_notices(), state, &notice/2)
   end

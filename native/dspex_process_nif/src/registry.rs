@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 mod atoms {
     rustler::atoms! {
-        ok, error, nil, not_found, dspex_notices, registered, released, unread,
+        ok, error, nil, not_found, dspex_notices, dspex_notices_soon, registered, released, unread,
         elixir_pid, fingerprint, python_pid, python_start_time, registered_at,
     }
 }
@@ -52,12 +52,17 @@ enum Notice {
 
 /// Notices not yet taken by the guardian. A message built and sent per registration cost
 /// about a microsecond on the caller's scheduler (the copy and the guardian's wake-up); a
-/// push here costs an uncontended lock. The guardian is woken by one `:dspex_notices`
-/// message, sent when none is outstanding, and takes everything with
-/// `guardian_take_notices/0` (which applies staged registrations first).
+/// push here costs an uncontended lock. The guardian is woken by one message, sent when
+/// none is outstanding, and takes everything with `guardian_take_notices/0` (which applies
+/// staged registrations first): `:dspex_notices` for a registration, which the OS guard
+/// must learn of at once; `:dspex_notices_soon` for releases only, which the guardian
+/// takes a few ms later (it ends a released process only after `release_delay_ms`
+/// anyway), so that a burst of unregistrations wakes it once.
 static NOTICES: Mutex<Vec<Notice>> = Mutex::new(Vec::new());
 /// A `:dspex_notices` message is on its way and not yet acted on.
-static WAKE_SENT: AtomicBool = AtomicBool::new(false);
+static URGENT_SENT: AtomicBool = AtomicBool::new(false);
+/// A `:dspex_notices_soon` message is on its way and not yet acted on.
+static SOON_SENT: AtomicBool = AtomicBool::new(false);
 
 /// How a wake-up is sent: from a NIF's or a callback's env, or from a thread.
 enum Sender<'a> {
@@ -65,22 +70,36 @@ enum Sender<'a> {
     Thread,
 }
 
-/// Wakes the guardian unless a wake-up is already on its way. A failed send (the guardian
-/// just exited) loses nothing: the queues are kept for the next guardian, which takes them
-/// when it attaches.
-fn wake(sender: Sender) {
+/// Whether a notice must reach the guardian at once or may wait a few ms.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Urgency {
+    Now,
+    Soon,
+}
+
+/// Wakes the guardian unless a wake-up that comes soon enough is already on its way. A
+/// failed send (the guardian just exited) loses nothing: the queues are kept for the next
+/// guardian, which takes them when it attaches.
+fn wake(sender: Sender, urgency: Urgency) {
     let Some(guardian) = guardian() else {
         return;
     };
-    if WAKE_SENT.swap(true, Ordering::SeqCst) {
-        return;
-    }
+    let message = match urgency {
+        Urgency::Now if URGENT_SENT.swap(true, Ordering::SeqCst) => return,
+        Urgency::Now => atoms::dspex_notices(),
+        Urgency::Soon
+            if URGENT_SENT.load(Ordering::SeqCst) || SOON_SENT.swap(true, Ordering::SeqCst) =>
+        {
+            return
+        }
+        Urgency::Soon => atoms::dspex_notices_soon(),
+    };
     match sender {
         Sender::Env(env) => {
-            let _ = env.send(&guardian, atoms::dspex_notices());
+            let _ = env.send(&guardian, message);
         }
         Sender::Thread => {
-            let _ = OwnedEnv::new().send_and_clear(&guardian, |_| atoms::dspex_notices());
+            let _ = OwnedEnv::new().send_and_clear(&guardian, |_| message);
         }
     }
 }
@@ -90,11 +109,15 @@ fn notify(sender: Sender, notice: Notice) {
     if guardian().is_none() {
         return;
     }
+    let urgency = match notice {
+        Notice::Released(_) => Urgency::Soon,
+        Notice::Registered { .. } | Notice::Unread { .. } => Urgency::Now,
+    };
     NOTICES
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(notice);
-    wake(sender);
+    wake(sender, urgency);
 }
 
 /// Tells the guardian that `released` left a guarded registry.
@@ -191,7 +214,8 @@ fn released(removed: Vec<(WorkerKey, WorkerEntry<LocalPid>)>) -> Vec<(ProcessIde
 #[rustler::nif(schedule = "DirtyIo")]
 fn guardian_take_notices(env: Env) -> Term {
     // Cleared first: a notice queued from here on sends a new wake-up.
-    WAKE_SENT.store(false, Ordering::SeqCst);
+    URGENT_SENT.store(false, Ordering::SeqCst);
+    SOON_SENT.store(false, Ordering::SeqCst);
     settle(env);
     let notices = std::mem::take(&mut *NOTICES.lock().unwrap_or_else(|e| e.into_inner()));
     let terms: Vec<Term> = notices
@@ -529,7 +553,7 @@ fn stage(
         });
         STAGED_COUNT.fetch_add(1, Ordering::SeqCst);
     }
-    wake(Sender::Env(env));
+    wake(Sender::Env(env), Urgency::Now);
 }
 
 /// Applies every staged registration, oldest first, reading each one's process. Every
