@@ -42,13 +42,6 @@ defmodule DSPexProcess.CgroupLimitsTest do
     end)
   end
 
-  defp v2_path(os_pid) do
-    "/proc/#{os_pid}/cgroup"
-    |> File.read!()
-    |> String.split("\n")
-    |> Enum.find_value(fn line -> with "0::" <> path <- line, do: path, else: (_ -> nil) end)
-  end
-
   # Starts a worker with `limits` and returns it with its leaves: {v2 leaf dir, v1 leaf dir}.
   defp start_limited(ctx, controller, limits) do
     containment = Guardian.containment()
@@ -74,7 +67,7 @@ defmodule DSPexProcess.CgroupLimitsTest do
     v2_leaf = Path.join(containment.cgroup, leaf)
     # Entered before exec: in both leaves, named after itself.
     assert String.ends_with?(v1_path(os_pid, controller), "/" <> leaf)
-    assert String.ends_with?(v2_path(os_pid), "/" <> leaf)
+    assert String.ends_with?(cgroup_v2_path(os_pid), "/" <> leaf)
     assert File.dir?(v1_leaf) and File.dir?(v2_leaf)
     {w, os_pid, start, v1_leaf, v2_leaf}
   end

@@ -16,13 +16,6 @@ defmodule DSPexProcess.ContainmentTest do
     setup_bridge("cgroup")
   end
 
-  defp v2_path(os_pid) do
-    "/proc/#{os_pid}/cgroup"
-    |> File.read!()
-    |> String.split("\n")
-    |> Enum.find_value(fn line -> with "0::" <> path <- line, do: path, else: (_ -> nil) end)
-  end
-
   defp mount, do: Native.capabilities().cgroup2_mount
 
   defp vm_dir(beam_pid, beam_start) do
@@ -86,8 +79,8 @@ defmodule DSPexProcess.ContainmentTest do
     leaf_dir = Path.join(containment.cgroup, leaf)
 
     # It entered its leaf before exec: what it forked is there too, even after setsid.
-    assert String.ends_with?(v2_path(os_pid), "/" <> leaf)
-    assert String.ends_with?(v2_path(escaped), "/" <> leaf)
+    assert String.ends_with?(cgroup_v2_path(os_pid), "/" <> leaf)
+    assert String.ends_with?(cgroup_v2_path(escaped), "/" <> leaf)
     refute File.read!("/proc/#{escaped}/cmdline") =~ ctx.pattern
     assert OrphanDetector.find_orphaned_processes(pattern: ctx.pattern, min_age_ms: 0) == []
 
@@ -104,7 +97,7 @@ defmodule DSPexProcess.ContainmentTest do
     id = {:plain, System.unique_integer([:positive])}
     :ok = ProcessRegistry.register_worker(id, self(), os_pid, "fp", registry)
     leaf = "w-#{os_pid}-#{start}"
-    assert eventually(fn -> String.ends_with?(v2_path(os_pid), "/" <> leaf) end)
+    assert eventually(fn -> String.ends_with?(cgroup_v2_path(os_pid), "/" <> leaf) end)
 
     Port.close(port)
     :ok = ProcessRegistry.unregister_worker(id, registry)

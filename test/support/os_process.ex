@@ -255,6 +255,14 @@ defmodule DSPexProcess.Test.OSProcess do
     Enum.any?(Port.list(), &(Port.info(&1, :os_pid) == {:os_pid, os_pid}))
   end
 
+  @doc "The cgroup v2 path of `os_pid` (its `0::` line in `/proc/PID/cgroup`), or nil."
+  def cgroup_v2_path(os_pid) do
+    "/proc/#{os_pid}/cgroup"
+    |> File.read!()
+    |> String.split("\n")
+    |> Enum.find_value(fn line -> with "0::" <> path <- line, do: path, else: (_ -> nil) end)
+  end
+
   @doc "A unique registry name for one test."
   def unique_name(tag), do: :"#{tag}_#{System.unique_integer([:positive])}"
 
