@@ -83,8 +83,8 @@ defmodule DSPexProcess.AdversarialTest do
         refute pid in classified, "#{pid} was taken for a worker: #{inspect(classified)}"
       end
 
-      report =
-        capture_log_result(fn ->
+      {report, _log} =
+        with_log(fn ->
           OrphanDetector.cleanup_orphaned_processes(
             pattern: pattern,
             include_unmanaged: true,
@@ -426,11 +426,5 @@ defmodule DSPexProcess.AdversarialTest do
       assert {:ok, "pong"} = Worker.call(w, "ping")
       GenServer.stop(w)
     end
-  end
-
-  defp capture_log_result(fun) do
-    parent = self()
-    capture_log(fn -> send(parent, {:result, fun.()}) end)
-    receive do: ({:result, r} -> r)
   end
 end

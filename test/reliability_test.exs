@@ -101,8 +101,8 @@ defmodule DSPexProcess.ReliabilityTest do
 
         before = OrphanDetector.classify_processes(pattern: pattern, min_age_ms: 0)
 
-        report =
-          capture_log_result(fn ->
+        {report, _log} =
+          with_log(fn ->
             OrphanDetector.cleanup_orphaned_processes(
               pattern: pattern,
               min_age_ms: 0,
@@ -128,12 +128,6 @@ defmodule DSPexProcess.ReliabilityTest do
 
       PeerBeam.stop(foreign)
     end
-  end
-
-  defp capture_log_result(fun) do
-    parent = self()
-    capture_log(fn -> send(parent, {:result, fun.()}) end)
-    receive do: ({:result, r} -> r)
   end
 
   defp kill_listed(ids), do: Termination.run(ids, grace_ms: 0, kill_wait_ms: 1_000)
@@ -351,8 +345,8 @@ defmodule DSPexProcess.ReliabilityTest do
 
       huge = List.duplicate(%{pid: 2 ** 70, start_time: 1}, 10_000)
 
-      report =
-        capture_log_result(fn ->
+      {report, _log} =
+        with_log(fn ->
           OrphanDetector.cleanup_orphaned_processes(huge, pattern: "dspex_nothing_matches_this.py")
         end)
 
@@ -378,14 +372,14 @@ defmodule DSPexProcess.ReliabilityTest do
       [orphan] = OrphanDetector.find_orphaned_processes(pattern: pattern)
       assert orphan.uid != 0 and orphan.reason == :reparented
 
-      report =
-        capture_log_result(fn -> OrphanDetector.cleanup_orphaned_processes(pattern: pattern) end)
+      {report, _log} =
+        with_log(fn -> OrphanDetector.cleanup_orphaned_processes(pattern: pattern) end)
 
       assert [{_, {:error, :refused_other_user}}] = report.details
       assert alive?(orphan.pid, orphan.start_time)
 
-      report =
-        capture_log_result(fn ->
+      {report, _log} =
+        with_log(fn ->
           OrphanDetector.cleanup_orphaned_processes(
             pattern: pattern,
             allow_other_users: true,
@@ -428,8 +422,8 @@ defmodule DSPexProcess.ReliabilityTest do
           end)
         end
 
-      report =
-        capture_log_result(fn ->
+      {report, _log} =
+        with_log(fn ->
           OrphanDetector.cleanup_orphaned_processes(pattern: pattern, grace_ms: 500)
         end)
 
@@ -540,8 +534,8 @@ defmodule DSPexProcess.ReliabilityTest do
   end
 
   defp cleanup_until_down(ref, pattern, acc) do
-    report =
-      capture_log_result(fn ->
+    {report, _log} =
+      with_log(fn ->
         OrphanDetector.cleanup_orphaned_processes(pattern: pattern, grace_ms: 50)
       end)
 
