@@ -751,6 +751,17 @@ fn unit_for(
     Some(unit)
 }
 
+/// Pins the process `stat` was read from (pid `raw`); pinning reads it again after its
+/// pidfd is open, and that read is the one that counts. `None` when it is gone or cannot
+/// be read by then: such a process is left alone.
+fn pin_as_read(raw: i32, stat: &Stat, budget: &mut Budget) -> Option<(Pinned, Seen)> {
+    let identity = ProcessIdentity {
+        pid: Pid::new(i64::from(raw)).ok()?,
+        start_time: stat.start_time,
+    };
+    Pinned::pin(identity, budget).ok()
+}
+
 /// Pins every process of every unit that is not pinned already, vetting each like a group
 /// member; one that may not be signalled makes its unit unkillable as a whole.
 fn pin_unit_members(
@@ -768,14 +779,7 @@ fn pin_unit_members(
             let Ok(stat) = Stat::read(raw) else {
                 continue;
             };
-            let Ok(pid) = Pid::new(i64::from(raw)) else {
-                continue;
-            };
-            let identity = ProcessIdentity {
-                pid,
-                start_time: stat.start_time,
-            };
-            let Ok((member, seen)) = Pinned::pin(identity, budget) else {
+            let Some((member, seen)) = pin_as_read(raw, &stat, budget) else {
                 continue;
             };
             // Read after the pidfd is open: it still is in the unit, so the pidfd is ours.
@@ -851,22 +855,15 @@ fn pin_group_members(
         let Some(&j) = groups.get(&stat.pgid) else {
             continue;
         };
-        let Ok(pid) = Pid::new(i64::from(pid)) else {
-            continue;
-        };
-        let identity = ProcessIdentity {
-            pid,
-            start_time: stat.start_time,
-        };
         // The refusals are judged on what pinning read, after its pidfd was open.
-        let Ok((mut member, seen)) = Pinned::pin(identity, budget) else {
+        let Some((mut member, seen)) = pin_as_read(pid, &stat, budget) else {
             continue;
         };
         if seen.pgid != stat.pgid {
             continue;
         }
-        taken.insert(pid.as_raw());
-        if caller.refusal(pid.as_raw(), &seen, options).is_some() {
+        taken.insert(pid);
+        if caller.refusal(pid, &seen, options).is_some() {
             // Someone in this group is not ours to signal (another user's, the caller's
             // family, a VM): no group signal, and the vetted members one by one.
             jobs[j].1.group = false;
@@ -898,17 +895,13 @@ fn pin_descendants(
                 if found >= MAX_DESCENDANTS || taken.contains(&child) {
                     continue;
                 }
-                let (Ok(stat), Ok(pid)) = (Stat::read(child), Pid::new(i64::from(child))) else {
+                let Ok(stat) = Stat::read(child) else {
                     continue;
                 };
                 if stat.ppid != parent {
                     continue;
                 }
-                let identity = ProcessIdentity {
-                    pid,
-                    start_time: stat.start_time,
-                };
-                let Ok((member, seen)) = Pinned::pin(identity, budget) else {
+                let Some((member, seen)) = pin_as_read(child, &stat, budget) else {
                     continue;
                 };
                 // Still the child of the parent we walked from, read after pinning.
