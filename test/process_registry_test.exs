@@ -263,6 +263,42 @@ defmodule DSPexProcess.ProcessRegistryTest do
       assert Exception.message(error) =~ "supervision tree"
       assert Exception.message(error) =~ inspect(name)
     end
+
+    test "the single-entry calls, which resolve the name natively, treat a bad name as the others do" do
+      name = unique_name(:never_started_entry)
+
+      for call <- [
+            fn -> ProcessRegistry.register_worker("w", self(), nil, "fp", name) end,
+            fn -> ProcessRegistry.unregister_worker("w", name) end,
+            fn -> ProcessRegistry.get_worker_info("w", name) end
+          ] do
+        assert_raise ProcessRegistry.NotRunningError, call
+      end
+
+      for bad <- ["a string", make_ref(), {:via, :x}] do
+        assert_raise ArgumentError, ~r/named by an atom/, fn ->
+          ProcessRegistry.register_worker("w", self(), nil, "fp", bad)
+        end
+
+        assert_raise ArgumentError, ~r/named by an atom/, fn ->
+          ProcessRegistry.unregister_worker("w", bad)
+        end
+      end
+
+      # Nothing was created under the unknown name.
+      assert_raise ProcessRegistry.NotRunningError, fn -> ProcessRegistry.get_stats(name) end
+    end
+
+    test "a registry reached by its table (the fallback of the named calls) answers the same" do
+      name = unique_name(:by_table)
+      start_supervised!({ProcessRegistry, name: name})
+      table = ProcessRegistry.resource!(name)
+      :ok = DSPexProcess.Native.registry_register(table, "w", self(), nil, "fp")
+      assert {:ok, %{fingerprint: "fp"}} = DSPexProcess.Native.registry_get(table, "w")
+      assert {:ok, %{fingerprint: "fp"}} = ProcessRegistry.get_worker_info("w", name)
+      :ok = DSPexProcess.Native.registry_unregister(table, "w")
+      assert {:error, :not_found} = ProcessRegistry.get_worker_info("w", name)
+    end
   end
 
   describe "in a tree of its own (DSPex's supervisor lists it)" do

@@ -62,6 +62,7 @@ defmodule DSPexProcess.Native do
 
   # Registry
   def registry_new(_guarded), do: not_loaded()
+  def registry_name(_name, _registry), do: not_loaded()
 
   def registry_register(_registry, _worker_id, _elixir_pid, _python_pid, _fingerprint),
     do: not_loaded()

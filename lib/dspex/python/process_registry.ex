@@ -147,7 +147,9 @@ defmodule DSPex.Python.ProcessRegistry do
 
   defp create_table(name, key, guarded) do
     if :persistent_term.get(key, nil) == nil do
-      :persistent_term.put(key, Native.registry_new(guarded))
+      resource = Native.registry_new(guarded)
+      :ok = Native.registry_name(name, resource)
+      :persistent_term.put(key, resource)
       :persistent_term.put(@names_key, Enum.uniq([name | running_names()]))
     end
   end
@@ -167,7 +169,15 @@ defmodule DSPex.Python.ProcessRegistry do
     check_elixir_pid!(elixir_pid)
     check_python_pid!(python_pid)
     check_fingerprint!(fingerprint)
-    Native.registry_register(resource!(registry), worker_id, elixir_pid, python_pid, fingerprint)
+
+    case Native.registry_register(registry, worker_id, elixir_pid, python_pid, fingerprint) do
+      :not_running ->
+        resource = resource!(registry)
+        Native.registry_register(resource, worker_id, elixir_pid, python_pid, fingerprint)
+
+      result ->
+        result
+    end
   end
 
   @doc """
@@ -176,7 +186,10 @@ defmodule DSPex.Python.ProcessRegistry do
   """
   @spec unregister_worker(worker_id(), registry()) :: :ok
   def unregister_worker(worker_id, registry \\ @default_name) do
-    Native.registry_unregister(resource!(registry), worker_id)
+    case Native.registry_unregister(registry, worker_id) do
+      :not_running -> Native.registry_unregister(resource!(registry), worker_id)
+      :ok -> :ok
+    end
   end
 
   @doc """
@@ -190,7 +203,10 @@ defmodule DSPex.Python.ProcessRegistry do
   def get_worker_info(worker_id, registry_or_opts \\ @default_name)
 
   def get_worker_info(worker_id, registry) when is_atom(registry) do
-    Native.registry_get(resource!(registry), worker_id)
+    case Native.registry_get(registry, worker_id) do
+      :not_running -> Native.registry_get(resource!(registry), worker_id)
+      result -> result
+    end
   end
 
   def get_worker_info(worker_id, opts) when is_list(opts) do

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 mod atoms {
     rustler::atoms! {
-        ok, error, nil, not_found, dspex_notices, dspex_notices_soon, registered, released, unread,
+        ok, error, nil, not_found, not_running, dspex_notices, dspex_notices_soon, registered, released, unread,
         elixir_pid, fingerprint, python_pid, python_start_time, registered_at,
     }
 }
@@ -434,10 +434,32 @@ fn registry_new(guarded: bool) -> ResourceArc<RegistryResource> {
 /// is done by the guardian (woken for it) or by the next registry call of anyone, which
 /// applies staged registrations first, in order (see [`settle`]). Otherwise (no guardian,
 /// `/proc` with `hidepid`, no pidfd, too many staged, an owner already dead) it is read now.
+/// `:not_running` when `registry` is neither a registry nor a registry's name.
 #[rustler::nif]
 fn registry_register<'a>(
     env: Env<'a>,
-    resource: ResourceArc<RegistryResource>,
+    registry: Term<'a>,
+    worker_id: Term<'a>,
+    elixir_pid: LocalPid,
+    python_pid: Option<i64>,
+    fingerprint: &str,
+) -> Term<'a> {
+    with_registry(registry, |resource| {
+        register(
+            env,
+            resource,
+            worker_id,
+            elixir_pid,
+            python_pid,
+            fingerprint,
+        )
+    })
+    .unwrap_or_else(|| atoms::not_running().encode(env))
+}
+
+fn register<'a>(
+    env: Env<'a>,
+    resource: &ResourceArc<RegistryResource>,
     worker_id: Term<'a>,
     elixir_pid: LocalPid,
     python_pid: Option<i64>,
@@ -458,7 +480,7 @@ fn registry_register<'a>(
         if can_stage(env, elixir_pid) {
             match PinnedProcess::open(pid) {
                 Ok(pinned) => {
-                    stage(env, resource, registration, pinned);
+                    stage(env, resource.clone(), registration, pinned);
                     return atoms::ok().encode(env);
                 }
                 Err(e @ dspex_process::Error::NoSuchProcess(_)) => {
@@ -487,7 +509,7 @@ fn registry_register<'a>(
         ),
         Some(Err(e)) => return (atoms::error(), crate::atom(env, e.reason())).encode(env),
     };
-    apply(env, &resource, registration, python, port_child, false);
+    apply(env, resource, registration, python, port_child, false);
     atoms::ok().encode(env)
 }
 
@@ -668,12 +690,14 @@ fn apply(
     notify_released(Sender::Env(env), resource.guarded, released);
 }
 
+/// `:ok`; `:not_running` when `registry` is neither a registry nor a registry's name.
 #[rustler::nif]
-fn registry_unregister<'a>(
-    env: Env<'a>,
-    resource: ResourceArc<RegistryResource>,
-    worker_id: Term<'a>,
-) -> Atom {
+fn registry_unregister<'a>(env: Env<'a>, registry: Term<'a>, worker_id: Term<'a>) -> Atom {
+    with_registry(registry, |resource| unregister(env, resource, worker_id))
+        .unwrap_or_else(atoms::not_running)
+}
+
+fn unregister(env: Env, resource: &RegistryResource, worker_id: Term) -> Atom {
     settle(env);
     let removed = with_key(worker_id, |key| {
         let (key, entry) = resource.registry.remove(key)?;
@@ -738,13 +762,48 @@ fn registries_hold(
     targets.iter().map(|t| held.get(t).copied()).collect()
 }
 
-/// `{:ok, info}` or `{:error, :not_found}`; the map is built from the entry in place.
+/// Registries by name (an atom), for the single-entry calls: the name is resolved here
+/// instead of through `:persistent_term` and a resource term, which cost as much as the
+/// lookup itself. Names are only added (a registry's table outlives its process).
+static NAMED: RwLock<Vec<(ErlNifTerm, ResourceArc<RegistryResource>)>> = RwLock::new(Vec::new());
+
+/// Gives `resource` the name `name` for [`with_registry`]; a name already given keeps its
+/// registry.
 #[rustler::nif]
-fn registry_get<'a>(
-    env: Env<'a>,
-    resource: ResourceArc<RegistryResource>,
-    worker_id: Term<'a>,
-) -> Term<'a> {
+fn registry_name(name: Atom, resource: ResourceArc<RegistryResource>) -> Atom {
+    let mut named = NAMED.write().unwrap_or_else(|e| e.into_inner());
+    let raw = name.as_c_arg();
+    if !named.iter().any(|(n, _)| *n == raw) {
+        named.push((raw, resource));
+    }
+    atoms::ok()
+}
+
+/// Calls `f` with the registry `registry` names: a registry term, or a name given with
+/// `registry_name/2`. `None` for any other term (the caller falls back to the term).
+fn with_registry<R>(
+    registry: Term,
+    f: impl FnOnce(&ResourceArc<RegistryResource>) -> R,
+) -> Option<R> {
+    if registry.is_atom() {
+        let named = NAMED.read().unwrap_or_else(|e| e.into_inner());
+        let raw = registry.as_c_arg();
+        let (_, resource) = named.iter().find(|(n, _)| *n == raw)?;
+        return Some(f(resource));
+    }
+    let resource: ResourceArc<RegistryResource> = registry.decode().ok()?;
+    Some(f(&resource))
+}
+
+/// `{:ok, info}` or `{:error, :not_found}`; the map is built from the entry in place.
+/// `:not_running` when `registry` is neither a registry nor a registry's name.
+#[rustler::nif]
+fn registry_get<'a>(env: Env<'a>, registry: Term<'a>, worker_id: Term<'a>) -> Term<'a> {
+    with_registry(registry, |resource| get(env, resource, worker_id))
+        .unwrap_or_else(|| atoms::not_running().encode(env))
+}
+
+fn get<'a>(env: Env<'a>, resource: &RegistryResource, worker_id: Term<'a>) -> Term<'a> {
     settle(env);
     let mut encoder = InfoEncoder::new(env);
     let info = with_key(worker_id, |key| {
@@ -756,16 +815,18 @@ fn registry_get<'a>(
     }
 }
 
-/// A snapshot of the entries (taken shard by shard, each lock held only for the copy),
+/// The entries, copied out shard by shard (each lock held only for its shard's copy) and
 /// encoded straight into a list.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registry_list(env: Env, resource: ResourceArc<RegistryResource>) -> Term {
     settle(env);
     let mut encoder = InfoEncoder::new(env);
     let mut list = Term::list_new_empty(env);
-    for (key, entry) in resource.registry.entries() {
-        list = list.list_prepend((key_term(env, &key), encoder.info(&entry, true)));
-    }
+    resource.registry.for_each_chunk(|chunk| {
+        for (key, entry) in chunk {
+            list = list.list_prepend((key_term(env, key), encoder.info(entry, true)));
+        }
+    });
     list
 }
 
