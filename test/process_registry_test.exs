@@ -324,6 +324,31 @@ defmodule DSPexProcess.ProcessRegistryTest do
     end
   end
 
+  test "a listing over every shard says what get_worker_info says for each entry", %{reg: reg} do
+    sleeper = Port.open({:spawn_executable, System.find_executable("sleep")}, args: ["30"])
+    {:os_pid, os_pid} = Port.info(sleeper, :os_pid)
+
+    # Shared and unique fingerprints, ids of several term types, with and without a pid.
+    ids =
+      for i <- 1..3_000 do
+        id = Enum.at(["w#{i}", {:tuple, i}, i, String.duplicate("x", 200) <> "#{i}"], rem(i, 4))
+        fp = if rem(i, 3) == 0, do: "shared_#{rem(i, 7)}", else: "unique_#{i}"
+        python = if rem(i, 5) == 0, do: os_pid
+        :ok = ProcessRegistry.register_worker(id, self(), python, fp, reg)
+        id
+      end
+
+    listed = ProcessRegistry.list_all_workers(reg)
+    assert length(listed) == length(ids)
+    assert Enum.sort(Enum.map(listed, &elem(&1, 0))) == Enum.sort(ids)
+
+    for {id, info} <- listed do
+      assert {:ok, ^info} = ProcessRegistry.get_worker_info(id, reg)
+    end
+
+    Port.close(sleeper)
+  end
+
   test "a listing under fingerprint churn gives each entry its own fingerprint", %{reg: reg} do
     for i <- 1..50_000,
         do: :ok = ProcessRegistry.register_worker({:filler, i}, self(), nil, "filler", reg)

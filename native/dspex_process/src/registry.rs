@@ -420,12 +420,17 @@ where
             .collect()
     }
 
-    /// Calls `visit` with the entries of each shard in turn, copied out under the shard's
-    /// read lock, which is held only for the copy. One buffer, the size of the largest
-    /// shard, serves every shard: a listing never copies the whole registry at once (at
-    /// 10k entries that copy and its page faults were a fifth of a listing's time).
-    pub fn for_each_chunk(&self, mut visit: impl FnMut(&[(K, WorkerEntry<O>)])) {
-        let mut chunk = Vec::new();
+    /// Walks the entries shard by shard: `copy` sees each entry of a shard under the
+    /// shard's read lock (it should copy out only what it needs), then `flush` runs with
+    /// the lock released. A listing thus holds each lock only for copies, and never copies
+    /// the whole registry at once (at 10k entries, that copy and its page faults were a
+    /// fifth of a listing's time).
+    pub fn visit_shards<S>(
+        &self,
+        state: &mut S,
+        mut copy: impl FnMut(&mut S, &K, &WorkerEntry<O>),
+        mut flush: impl FnMut(&mut S),
+    ) {
         for shard in self.entries.shards() {
             {
                 let table = shard.read();
@@ -434,13 +439,31 @@ where
                 unsafe {
                     for bucket in table.iter() {
                         let (key, entry) = bucket.as_ref();
-                        chunk.push((key.clone(), entry.get().clone()));
+                        copy(state, key, entry.get());
                     }
                 }
             }
-            visit(&chunk);
-            chunk.clear();
+            flush(state);
         }
+    }
+
+    /// Calls `visit` with the entries of each shard in turn, cloned out through
+    /// [`Registry::visit_shards`] into one buffer the size of the largest shard.
+    pub fn for_each_chunk(&self, mut visit: impl FnMut(&[(K, WorkerEntry<O>)])) {
+        self.visit_shards(
+            &mut Vec::new(),
+            |chunk, key, entry| chunk.push((key.clone(), entry.clone())),
+            |chunk| {
+                visit(chunk);
+                chunk.clear();
+            },
+        );
+    }
+
+    /// Whether this entry's fingerprint is held by more than the entry and the index (by
+    /// another entry, or a registration on its way in): worth encoding once per listing.
+    pub fn fingerprint_shared(entry: &WorkerEntry<O>) -> bool {
+        Arc::strong_count(&entry.fingerprint) > 2
     }
 
     /// Entries whose owner is dead.

@@ -281,13 +281,51 @@ struct InfoEncoder<'a> {
     env: Env<'a>,
     keys: [ErlNifTerm; 5],
     nil: Term<'a>,
-    /// Keyed by the fingerprint's address; the `Arc` is kept so that the address cannot be
-    /// freed and reused by another fingerprint during the listing.
-    fingerprints: HashMap<*const u8, (Arc<str>, Term<'a>)>,
+    /// Terms of shared fingerprints, by content.
+    fingerprints: HashMap<Box<[u8]>, Term<'a>>,
 }
 
 /// Fingerprint terms remembered per listing; past this, the rest are made one by one.
 const FINGERPRINT_CACHE: usize = 4_096;
+
+/// An entry's fields as a listing copies them out of its shard: its strings go into
+/// [`Listing::bytes`], so that the copy takes no reference count and allocates nothing
+/// once the buffers have grown to the largest shard.
+struct Row {
+    key: std::ops::Range<usize>,
+    fingerprint: std::ops::Range<usize>,
+    shared: bool,
+    owner: LocalPid,
+    python: Option<ProcessIdentity>,
+    registered_at: u64,
+}
+
+/// One shard's copied rows.
+#[derive(Default)]
+struct Listing {
+    bytes: Vec<u8>,
+    rows: Vec<Row>,
+}
+
+impl Listing {
+    fn copy(&mut self, key: &[u8], entry: &WorkerEntry<LocalPid>) {
+        let mut push = |bytes: &[u8]| {
+            let at = self.bytes.len();
+            self.bytes.extend_from_slice(bytes);
+            at..self.bytes.len()
+        };
+        let key = push(key);
+        let fingerprint = push(entry.fingerprint.as_bytes());
+        self.rows.push(Row {
+            key,
+            fingerprint,
+            shared: Registry::<WorkerKey, LocalPid>::fingerprint_shared(entry),
+            owner: entry.owner,
+            python: entry.python,
+            registered_at: entry.registered_at,
+        });
+    }
+}
 
 impl<'a> InfoEncoder<'a> {
     fn new(env: Env<'a>) -> Self {
@@ -308,39 +346,47 @@ impl<'a> InfoEncoder<'a> {
         }
     }
 
-    fn fingerprint(&mut self, fingerprint: &Arc<str>, shared: bool) -> Term<'a> {
+    /// `shared`: remember the term for later entries with the same fingerprint.
+    fn fingerprint(&mut self, fingerprint: &[u8], shared: bool) -> Term<'a> {
         let env = self.env;
-        let make = || -> Term<'a> { NewBinary::from_slice(env, fingerprint.as_bytes()).into() };
-        // Three references are the entry's, the index's and the listing's copy: no other
-        // entry has it, so a remembered term would never be used again.
-        if !shared || Arc::strong_count(fingerprint) <= 3 {
+        let make = || -> Term<'a> { NewBinary::from_slice(env, fingerprint).into() };
+        if !shared {
             return make();
         }
-        let at = fingerprint.as_ptr();
-        if let Some((_, term)) = self.fingerprints.get(&at) {
+        if let Some(term) = self.fingerprints.get(fingerprint) {
             return *term;
         }
         let term = make();
         if self.fingerprints.len() < FINGERPRINT_CACHE {
-            self.fingerprints
-                .insert(at, (Arc::clone(fingerprint), term));
+            self.fingerprints.insert(fingerprint.into(), term);
         }
         term
     }
 
-    /// `shared`: remember the fingerprint's term for later entries (listings only).
+    /// `shared`: as for [`InfoEncoder::fingerprint`].
     fn info(&mut self, entry: &WorkerEntry<LocalPid>, shared: bool) -> Term<'a> {
+        let fingerprint = self.fingerprint(entry.fingerprint.as_bytes(), shared);
+        self.map(entry.owner, fingerprint, entry.python, entry.registered_at)
+    }
+
+    fn map(
+        &self,
+        owner: LocalPid,
+        fingerprint: Term<'a>,
+        python: Option<ProcessIdentity>,
+        registered_at: u64,
+    ) -> Term<'a> {
         let env = self.env;
-        let (pid, start) = match entry.python {
+        let (pid, start) = match python {
             Some(id) => (id.pid.as_raw().encode(env), id.start_time.encode(env)),
             None => (self.nil, self.nil),
         };
         let values = [
-            entry.owner.encode(env).as_c_arg(),
-            self.fingerprint(&entry.fingerprint, shared).as_c_arg(),
+            owner.encode(env).as_c_arg(),
+            fingerprint.as_c_arg(),
             pid.as_c_arg(),
             start.as_c_arg(),
-            entry.registered_at.encode(env).as_c_arg(),
+            registered_at.encode(env).as_c_arg(),
         ];
         let mut map = MaybeUninit::<ErlNifTerm>::uninit();
         // SAFETY: five distinct atom keys and five valid terms of `env`; the call writes the
@@ -359,6 +405,19 @@ impl<'a> InfoEncoder<'a> {
         unsafe { Term::new(env, map.assume_init()) }
     }
 
+    /// Prepends `{worker_id, info}` for each of `listing`'s rows to `list`.
+    fn prepend_rows(&mut self, listing: &Listing, mut list: Term<'a>) -> Term<'a> {
+        let env = self.env;
+        for row in &listing.rows {
+            let fingerprint = self.fingerprint(&listing.bytes[row.fingerprint.clone()], row.shared);
+            let info = self.map(row.owner, fingerprint, row.python, row.registered_at);
+            list = list.list_prepend((key_term(env, &listing.bytes[row.key.clone()]), info));
+        }
+        list
+    }
+
+    /// Pairs of a (small) selection; every fingerprint is remembered (a selection by
+    /// fingerprint shares one).
     fn pairs(mut self, entries: Vec<(WorkerKey, WorkerEntry<LocalPid>)>) -> Term<'a> {
         let env = self.env;
         let pairs: Vec<Term<'a>> = entries
@@ -815,18 +874,22 @@ fn get<'a>(env: Env<'a>, resource: &RegistryResource, worker_id: Term<'a>) -> Te
     }
 }
 
-/// The entries, copied out shard by shard (each lock held only for its shard's copy) and
-/// encoded straight into a list.
+/// The entries, copied out shard by shard (each lock held only for its shard's copy, see
+/// [`Listing`]) and encoded straight into a list.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn registry_list(env: Env, resource: ResourceArc<RegistryResource>) -> Term {
     settle(env);
     let mut encoder = InfoEncoder::new(env);
     let mut list = Term::list_new_empty(env);
-    resource.registry.for_each_chunk(|chunk| {
-        for (key, entry) in chunk {
-            list = list.list_prepend((key_term(env, key), encoder.info(entry, true)));
-        }
-    });
+    resource.registry.visit_shards(
+        &mut Listing::default(),
+        |listing, key, entry| listing.copy(key, entry),
+        |listing| {
+            list = encoder.prepend_rows(listing, list);
+            listing.bytes.clear();
+            listing.rows.clear();
+        },
+    );
     list
 }
 
