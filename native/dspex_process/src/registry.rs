@@ -129,6 +129,14 @@ impl<K: Eq + Hash + Clone> DetachedKeys<K> {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Run by `register` between replacing an entry and updating the old owner's record:
+    /// lets a test interleave another registration there.
+    static AFTER_REPLACE: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::Cell::new(None) };
+}
+
 /// Shards of each map: a listing holds one shard's read lock at a time, so with many
 /// shards a writer waits at most for a small fraction of a large listing.
 const SHARDS: usize = 64;
@@ -143,10 +151,13 @@ const SHARDS: usize = 64;
 /// entry has it, so [`Registry::by_fingerprint`] reads only those entries.
 ///
 /// Locking: the lock order is `owners`, then `entries`, then `fingerprints`; no code holds
-/// a lock while taking one earlier in that order. Every change to the entries of owner `o`
-/// is made while `o`'s record in `owners` is locked, or after that record is gone. Every
-/// change to the fingerprint index is made while the entry's shard in `entries` is
-/// write-locked, so the index names key `k` under `f` exactly when `k`'s entry has `f`.
+/// a lock while taking one earlier in that order. Every entry given to owner `o` is added
+/// to `o`'s record, under that record's lock, before the entry is put; a key leaves `o`'s
+/// record only under that lock, and only when its entry no longer belongs to `o` (a key
+/// moved to another owner and back meanwhile stays). So `o`'s record names every key of `o`
+/// until `o` dies, and `o`'s death removes them all. Every change to the fingerprint index
+/// is made while the entry's shard in `entries` is write-locked, so the index names key `k`
+/// under `f` exactly when `k`'s entry has `f`.
 pub struct Registry<K, O> {
     entries: Map<K, WorkerEntry<O>>,
     owners: Map<O, Keys<K>>,
@@ -216,9 +227,19 @@ where
             }
         };
         let old = replaced?;
+        #[cfg(test)]
+        if let Some(hook) = AFTER_REPLACE.with(|hook| hook.take()) {
+            hook();
+        }
         if old.owner != owner {
             if let Some(mut keys) = self.owners.get_mut(&old.owner) {
-                keys.remove(&key);
+                // Unless the key came back to its old owner since the put above: that
+                // registration added it to this record under this lock, and its entry
+                // must leave when the old owner dies.
+                let back = self.entries.get(&key).is_some_and(|e| e.owner == old.owner);
+                if !back {
+                    keys.remove(&key);
+                }
             }
         }
         old.python.filter(|old_python| Some(*old_python) != python)
@@ -694,6 +715,28 @@ mod tests {
         assert_eq!(reg.len(), 2);
         assert_eq!(reg.len(), 2);
         assert_eq!(reg.watched_owners(), 1, "the dead owner was never watched");
+    }
+
+    #[test]
+    fn a_key_that_comes_back_to_its_owner_during_a_move_leaves_with_that_owner() {
+        // Thread A moves "w" from owner 1 to owner 2; between A's put and A's clean-up of
+        // owner 1's record, thread B registers "w" for owner 1 again. Owner 1's record must
+        // still name "w", or the entry would outlive owner 1.
+        let reg = Arc::new(Reg::new());
+        reg.register("w".into(), entry(1, None), |_| true);
+        let b = Arc::clone(&reg);
+        AFTER_REPLACE.with(|hook| {
+            hook.set(Some(Box::new(move || {
+                std::thread::spawn(move || b.register("w".into(), entry(1, None), |_| true))
+                    .join()
+                    .unwrap();
+            })))
+        });
+        reg.register("w".into(), entry(2, None), |_| true);
+        assert_eq!(reg.get("w").map(|e| e.owner), Some(1));
+        assert!(reg.owner_down(&2).is_empty());
+        assert_eq!(reg.owner_down(&1).len(), 1, "owner 1's death removes \"w\"");
+        assert!(reg.is_empty());
     }
 
     #[test]
