@@ -100,17 +100,17 @@ defmodule Bench do
   def fmt_us(us) when us >= 1_000, do: "#{Float.round(us / 1_000, 2)} ms"
   def fmt_us(us), do: "#{Float.round(us / 1, 2)} µs"
 
-  # :erlang.memory(:total) once two readings 100 ms apart differ by less than 0.1 % (at
-  # most 3 s), after a garbage collection of the caller.
-  def settled_memory(previous \\ nil, tries \\ 30) do
+  # :erlang.memory(:total) once three readings 100 ms apart differ by less than 64 KB
+  # (at most 5 s), each after a garbage collection of the caller.
+  def settled_memory(readings \\ [], tries \\ 50) do
     :erlang.garbage_collect()
-    now = :erlang.memory(:total)
+    readings = Enum.take([:erlang.memory(:total) | readings], 3)
 
-    if tries == 0 or (previous != nil and abs(now - previous) < now / 1000) do
-      now
+    if tries == 0 or (length(readings) == 3 and Enum.max(readings) - Enum.min(readings) < 65_536) do
+      hd(readings)
     else
       Process.sleep(100)
-      settled_memory(now, tries - 1)
+      settled_memory(readings, tries - 1)
     end
   end
 
@@ -364,16 +364,24 @@ active_ets = Bench.median_us(21, fn -> Bench.RefRegistry.active_python_pids(ets)
 # Each call runs in a process of its own, spawned for it: the benchmark's own process holds
 # tens of MB from the rows before, and a listing there mostly times the garbage collection
 # of that heap (whichever side runs), not the call.
+# (The result is freed, untimed, when that process exits, on both sides.)
 in_fresh_process = fn fun ->
   parent = self()
-  ref = make_ref()
 
-  spawn(fn ->
-    {us, _} = :timer.tc(fun)
-    send(parent, {ref, us})
-  end)
+  {pid, monitor} =
+    spawn_monitor(fn ->
+      {us, _} = :timer.tc(fun)
+      send(parent, {self(), us})
+    end)
 
-  receive do: ({^ref, us} -> us)
+  receive do
+    {^pid, us} ->
+      Process.demonitor(monitor, [:flush])
+      us
+
+    {:DOWN, ^monitor, :process, ^pid, reason} ->
+      raise "a listing call failed: #{inspect(reason)}"
+  end
 end
 
 listing = fn runs, ours, base ->

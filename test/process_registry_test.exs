@@ -264,7 +264,7 @@ defmodule DSPexProcess.ProcessRegistryTest do
       assert Exception.message(error) =~ inspect(name)
     end
 
-    test "the single-entry calls, which resolve the name natively, treat a bad name as the others do" do
+    test "the single-entry calls, which resolve the name natively, raise for an unknown name" do
       name = unique_name(:never_started_entry)
 
       for call <- [
@@ -275,7 +275,34 @@ defmodule DSPexProcess.ProcessRegistryTest do
         assert_raise ProcessRegistry.NotRunningError, call
       end
 
-      for bad <- ["a string", make_ref(), {:via, :x}] do
+      # Nothing was created under the unknown name.
+      assert_raise ProcessRegistry.NotRunningError, fn -> ProcessRegistry.get_stats(name) end
+    end
+
+    test "a name the NIF does not know (as after a NIF reload) is found and named again" do
+      name = unique_name(:unnamed)
+      table = DSPexProcess.Native.registry_new(false)
+      # The table as `ensure_table/2` stores it, without the NIF's name for it.
+      key = {ProcessRegistry, name}
+      :persistent_term.put(key, table)
+      on_exit(fn -> :persistent_term.erase(key) end)
+      assert DSPexProcess.Native.registry_get(name, "w") == :not_running
+
+      :ok = ProcessRegistry.register_worker("w", self(), nil, "fp", name)
+      assert {:ok, %{fingerprint: "fp"}} = DSPexProcess.Native.registry_get(table, "w")
+      # Named again: the NIF resolves the name itself from now on.
+      assert {:ok, %{fingerprint: "fp"}} = DSPexProcess.Native.registry_get(name, "w")
+      assert {:ok, %{fingerprint: "fp"}} = ProcessRegistry.get_worker_info("w", name)
+      :ok = ProcessRegistry.unregister_worker("w", name)
+      assert {:error, :not_found} = DSPexProcess.Native.registry_get(table, "w")
+    end
+
+    test "what is not a name, a registry's own table included, is refused as before" do
+      name = unique_name(:by_table)
+      start_supervised!({ProcessRegistry, name: name})
+      table = ProcessRegistry.resource!(name)
+
+      for bad <- [table, "a string", make_ref(), {:via, :x}] do
         assert_raise ArgumentError, ~r/named by an atom/, fn ->
           ProcessRegistry.register_worker("w", self(), nil, "fp", bad)
         end
@@ -283,21 +310,11 @@ defmodule DSPexProcess.ProcessRegistryTest do
         assert_raise ArgumentError, ~r/named by an atom/, fn ->
           ProcessRegistry.unregister_worker("w", bad)
         end
+
+        assert_raise ArgumentError, fn -> ProcessRegistry.get_worker_info("w", bad) end
       end
 
-      # Nothing was created under the unknown name.
-      assert_raise ProcessRegistry.NotRunningError, fn -> ProcessRegistry.get_stats(name) end
-    end
-
-    test "a registry reached by its table (the fallback of the named calls) answers the same" do
-      name = unique_name(:by_table)
-      start_supervised!({ProcessRegistry, name: name})
-      table = ProcessRegistry.resource!(name)
-      :ok = DSPexProcess.Native.registry_register(table, "w", self(), nil, "fp")
-      assert {:ok, %{fingerprint: "fp"}} = DSPexProcess.Native.registry_get(table, "w")
-      assert {:ok, %{fingerprint: "fp"}} = ProcessRegistry.get_worker_info("w", name)
-      :ok = DSPexProcess.Native.registry_unregister(table, "w")
-      assert {:error, :not_found} = ProcessRegistry.get_worker_info("w", name)
+      assert ProcessRegistry.get_stats(name).total_registered == 0
     end
   end
 
@@ -327,6 +344,8 @@ defmodule DSPexProcess.ProcessRegistryTest do
   test "a listing over every shard says what get_worker_info says for each entry", %{reg: reg} do
     sleeper = Port.open({:spawn_executable, System.find_executable("sleep")}, args: ["30"])
     {:os_pid, os_pid} = Port.info(sleeper, :os_pid)
+    start = start_time(os_pid)
+    on_exit(fn -> if alive?(os_pid, start), do: kill9(os_pid, start) end)
 
     # Shared and unique fingerprints, ids of several term types, with and without a pid.
     ids =
@@ -346,6 +365,8 @@ defmodule DSPexProcess.ProcessRegistryTest do
       assert {:ok, ^info} = ProcessRegistry.get_worker_info(id, reg)
     end
 
+    # Unregistered before the port closes: the guardian has nothing to end or log.
+    Enum.each(ids, &ProcessRegistry.unregister_worker(&1, reg))
     Port.close(sleeper)
   end
 

@@ -170,9 +170,9 @@ defmodule DSPex.Python.ProcessRegistry do
     check_python_pid!(python_pid)
     check_fingerprint!(fingerprint)
 
-    case Native.registry_register(registry, worker_id, elixir_pid, python_pid, fingerprint) do
+    case Native.registry_register(name!(registry), worker_id, elixir_pid, python_pid, fingerprint) do
       :not_running ->
-        resource = resource!(registry)
+        resource = renamed!(registry)
         Native.registry_register(resource, worker_id, elixir_pid, python_pid, fingerprint)
 
       result ->
@@ -186,8 +186,8 @@ defmodule DSPex.Python.ProcessRegistry do
   """
   @spec unregister_worker(worker_id(), registry()) :: :ok
   def unregister_worker(worker_id, registry \\ @default_name) do
-    case Native.registry_unregister(registry, worker_id) do
-      :not_running -> Native.registry_unregister(resource!(registry), worker_id)
+    case Native.registry_unregister(name!(registry), worker_id) do
+      :not_running -> Native.registry_unregister(renamed!(registry), worker_id)
       :ok -> :ok
     end
   end
@@ -204,7 +204,7 @@ defmodule DSPex.Python.ProcessRegistry do
 
   def get_worker_info(worker_id, registry) when is_atom(registry) do
     case Native.registry_get(registry, worker_id) do
-      :not_running -> Native.registry_get(resource!(registry), worker_id)
+      :not_running -> Native.registry_get(renamed!(registry), worker_id)
       result -> result
     end
   end
@@ -297,6 +297,20 @@ defmodule DSPex.Python.ProcessRegistry do
 
   def resource!(registry) do
     raise ArgumentError, "a registry is named by an atom, got: #{inspect(registry)}"
+  end
+
+  # The single-entry calls give the NIF the registry's name, which it resolves itself; it
+  # answers :not_running for a name it does not know, and the call goes through
+  # `renamed!/1`.
+  defp name!(registry) when is_atom(registry), do: registry
+  defp name!(registry), do: resource!(registry)
+
+  # The table of a name the NIF does not know (a name never started raises here; one whose
+  # NIF was reloaded since is named again, so that later calls resolve it natively).
+  defp renamed!(registry) do
+    resource = resource!(registry)
+    :ok = Native.registry_name(registry, resource)
+    resource
   end
 
   # GenServer

@@ -483,6 +483,8 @@ where
 
     /// Whether this entry's fingerprint is held by more than the entry and the index (by
     /// another entry, or a registration on its way in): worth encoding once per listing.
+    /// Two is what `put` leaves: the index's key, and the entry's clone of it. Were that to
+    /// change, only a listing's reuse of fingerprint terms would suffer, not its answers.
     pub fn fingerprint_shared(entry: &WorkerEntry<O>) -> bool {
         Arc::strong_count(&entry.fingerprint) > 2
     }
@@ -662,6 +664,51 @@ mod tests {
             largest < n as usize / 8,
             "no chunk holds the whole registry (largest {largest})"
         );
+    }
+
+    #[test]
+    fn a_walk_while_writers_run_sees_each_stable_entry_once() {
+        // Writers add and remove keys (growing and shrinking the shards' tables) while walks
+        // run: each walk must see every key that no writer touches exactly once.
+        let reg = Arc::new(Reg::new());
+        for i in 0..2_000 {
+            reg.register(format!("stable{i}"), entry(1, None), |_| true);
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rounds = Arc::new(AtomicU32::new(0));
+        let writers: Vec<_> = (0..2u32)
+            .map(|t| {
+                let (reg, stop, rounds) =
+                    (Arc::clone(&reg), Arc::clone(&stop), Arc::clone(&rounds));
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        for i in 0..500 {
+                            reg.register(format!("churn{t}-{i}"), entry(2, None), |_| true);
+                        }
+                        for i in 0..500 {
+                            reg.unregister(format!("churn{t}-{i}").as_str());
+                        }
+                        rounds.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        // At least 200 walks, and on until the writers have done several rounds meanwhile.
+        let mut walks = 0;
+        while walks < 200 || rounds.load(Ordering::SeqCst) < 5 {
+            let mut seen = HashSet::new();
+            reg.for_each_chunk(|chunk| {
+                for (key, _) in chunk.iter().filter(|(k, _)| k.starts_with("stable")) {
+                    assert!(seen.insert(key.clone()), "{key} seen twice in one walk");
+                }
+            });
+            assert_eq!(seen.len(), 2_000, "a stable entry was missed");
+            walks += 1;
+        }
+        stop.store(true, Ordering::SeqCst);
+        for w in writers {
+            w.join().unwrap();
+        }
     }
 
     #[test]

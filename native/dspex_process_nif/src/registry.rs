@@ -147,6 +147,11 @@ pub struct RegistryResource {
 }
 
 impl RegistryResource {
+    /// Which table this is (two resources are the same registry when these are equal).
+    fn registry_ptr(&self) -> *const () {
+        Arc::as_ptr(&self.registry).cast()
+    }
+
     /// Python processes of workers whose Elixir process is alive, staged registrations
     /// included (they are applied first).
     pub(crate) fn live_python(&self, env: Env) -> Vec<ProcessIdentity> {
@@ -823,17 +828,22 @@ fn registries_hold(
 
 /// Registries by name (an atom), for the single-entry calls: the name is resolved here
 /// instead of through `:persistent_term` and a resource term, which cost as much as the
-/// lookup itself. Names are only added (a registry's table outlives its process).
-static NAMED: RwLock<Vec<(ErlNifTerm, ResourceArc<RegistryResource>)>> = RwLock::new(Vec::new());
+/// lookup itself. A registry's table lives as long as the VM (`:persistent_term` holds it),
+/// so each named one is leaked once into a `&'static` reference, which a call copies out
+/// before it releases the lock: no call holds the lock while it works.
+static NAMED: RwLock<Vec<(ErlNifTerm, &'static ResourceArc<RegistryResource>)>> =
+    RwLock::new(Vec::new());
 
-/// Gives `resource` the name `name` for [`with_registry`]; a name already given keeps its
-/// registry.
+/// Gives `resource` the name `name` for [`with_registry`]; a table made later for the same
+/// name (its `:persistent_term` key was erased) takes the name over, as it does there.
 #[rustler::nif]
 fn registry_name(name: Atom, resource: ResourceArc<RegistryResource>) -> Atom {
     let mut named = NAMED.write().unwrap_or_else(|e| e.into_inner());
     let raw = name.as_c_arg();
-    if !named.iter().any(|(n, _)| *n == raw) {
-        named.push((raw, resource));
+    match named.iter_mut().find(|(n, _)| *n == raw) {
+        Some((_, known)) if known.registry_ptr() == resource.registry_ptr() => {}
+        Some((_, known)) => *known = Box::leak(Box::new(resource)),
+        None => named.push((raw, Box::leak(Box::new(resource)))),
     }
     atoms::ok()
 }
@@ -845,9 +855,13 @@ fn with_registry<R>(
     f: impl FnOnce(&ResourceArc<RegistryResource>) -> R,
 ) -> Option<R> {
     if registry.is_atom() {
-        let named = NAMED.read().unwrap_or_else(|e| e.into_inner());
         let raw = registry.as_c_arg();
-        let (_, resource) = named.iter().find(|(n, _)| *n == raw)?;
+        let resource: &'static ResourceArc<RegistryResource> = NAMED
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(n, _)| *n == raw)
+            .map(|(_, resource)| *resource)?;
         return Some(f(resource));
     }
     let resource: ResourceArc<RegistryResource> = registry.decode().ok()?;
