@@ -314,6 +314,15 @@ defmodule DSPexProcess.ProcessRegistryTest do
         assert_raise ArgumentError, fn -> ProcessRegistry.get_worker_info("w", bad) end
       end
 
+      # The NIF itself (which decodes its own arguments) answers a wrong type with badarg.
+      for args <- [
+            [name, "w", :not_a_pid, nil, "fp"],
+            [name, "w", self(), "not an integer", "fp"],
+            [name, "w", self(), nil, :not_a_binary]
+          ] do
+        assert_raise ArgumentError, fn -> apply(DSPexProcess.Native, :registry_register, args) end
+      end
+
       assert ProcessRegistry.get_stats(name).total_registered == 0
     end
   end

@@ -6,7 +6,9 @@ use dspex_process::{
 };
 use rustler::sys::ErlNifTerm;
 use rustler::types::binary::NewBinary;
-use rustler::{Atom, Binary, Encoder, Env, LocalPid, Monitor, NifMap, OwnedEnv, ResourceArc, Term};
+use rustler::{
+    Atom, Binary, Encoder, Env, LocalPid, Monitor, NifMap, NifResult, OwnedEnv, ResourceArc, Term,
+};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::panic::AssertUnwindSafe;
@@ -498,17 +500,16 @@ fn registry_new(guarded: bool) -> ResourceArc<RegistryResource> {
 /// is done by the guardian (woken for it) or by the next registry call of anyone, which
 /// applies staged registrations first, in order (see [`settle`]). Otherwise (no guardian,
 /// `/proc` with `hidepid`, no pidfd, too many staged, an owner already dead) it is read now.
-/// `:not_running` when `registry` is neither a registry nor a registry's name.
-#[rustler::nif]
+/// `:not_running` when `registry` is neither a registry nor a registry's name. Arguments:
+/// registry, worker id, owner pid, OS pid or `nil`, fingerprint.
 fn registry_register<'a>(
     env: Env<'a>,
-    registry: Term<'a>,
-    worker_id: Term<'a>,
-    elixir_pid: LocalPid,
-    python_pid: Option<i64>,
-    fingerprint: &str,
-) -> Term<'a> {
-    with_registry(registry, |resource| {
+    [registry, worker_id, elixir_pid, python_pid, fingerprint]: [Term<'a>; 5],
+) -> NifResult<Term<'a>> {
+    let elixir_pid: LocalPid = elixir_pid.decode()?;
+    let python_pid: Option<i64> = python_pid.decode()?;
+    let fingerprint: &str = fingerprint.decode()?;
+    Ok(with_registry(registry, |resource| {
         register(
             env,
             resource,
@@ -518,8 +519,9 @@ fn registry_register<'a>(
             fingerprint,
         )
     })
-    .unwrap_or_else(|| atoms::not_running().encode(env))
+    .unwrap_or_else(|| atoms::not_running().encode(env)))
 }
+crate::lean_nif!(registry_register, 5);
 
 fn register<'a>(
     env: Env<'a>,
@@ -755,11 +757,14 @@ fn apply(
 }
 
 /// `:ok`; `:not_running` when `registry` is neither a registry nor a registry's name.
-#[rustler::nif]
-fn registry_unregister<'a>(env: Env<'a>, registry: Term<'a>, worker_id: Term<'a>) -> Atom {
-    with_registry(registry, |resource| unregister(env, resource, worker_id))
-        .unwrap_or_else(atoms::not_running)
+fn registry_unregister<'a>(
+    env: Env<'a>,
+    [registry, worker_id]: [Term<'a>; 2],
+) -> NifResult<Term<'a>> {
+    let done = with_registry(registry, |resource| unregister(env, resource, worker_id));
+    Ok(done.unwrap_or_else(atoms::not_running).encode(env))
 }
+crate::lean_nif!(registry_unregister, 2);
 
 fn unregister(env: Env, resource: &RegistryResource, worker_id: Term) -> Atom {
     settle(env);
@@ -870,11 +875,13 @@ fn with_registry<R>(
 
 /// `{:ok, info}` or `{:error, :not_found}`; the map is built from the entry in place.
 /// `:not_running` when `registry` is neither a registry nor a registry's name.
-#[rustler::nif]
-fn registry_get<'a>(env: Env<'a>, registry: Term<'a>, worker_id: Term<'a>) -> Term<'a> {
-    with_registry(registry, |resource| get(env, resource, worker_id))
-        .unwrap_or_else(|| atoms::not_running().encode(env))
+fn registry_get<'a>(env: Env<'a>, [registry, worker_id]: [Term<'a>; 2]) -> NifResult<Term<'a>> {
+    Ok(
+        with_registry(registry, |resource| get(env, resource, worker_id))
+            .unwrap_or_else(|| atoms::not_running().encode(env)),
+    )
 }
+crate::lean_nif!(registry_get, 2);
 
 fn get<'a>(env: Env<'a>, resource: &RegistryResource, worker_id: Term<'a>) -> Term<'a> {
     settle(env);
