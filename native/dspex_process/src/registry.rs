@@ -129,12 +129,23 @@ impl<K: Eq + Hash + Clone> DetachedKeys<K> {
     }
 }
 
+/// A test's hook and the point of `register` where it runs (see [`test_hook`]).
+#[cfg(test)]
+type TestHook = Option<(&'static str, Box<dyn FnOnce()>)>;
+
 #[cfg(test)]
 thread_local! {
-    /// Run by `register` between replacing an entry and updating the old owner's record:
-    /// lets a test interleave another registration there.
-    static AFTER_REPLACE: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
-        const { std::cell::Cell::new(None) };
+    static TEST_HOOK: std::cell::Cell<TestHook> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs this thread's test hook if it was set for `point`: lets a test interleave another
+/// thread's work at that point of `register`.
+#[cfg(test)]
+fn test_hook(point: &'static str) {
+    match TEST_HOOK.with(|hook| hook.take()) {
+        Some((at, hook)) if at == point => hook(),
+        other => TEST_HOOK.with(|hook| hook.set(other)),
+    }
 }
 
 /// Shards of each map: a listing holds one shard's read lock at a time, so with many
@@ -155,7 +166,9 @@ const SHARDS: usize = 64;
 /// to `o`'s record, under that record's lock, before the entry is put; a key leaves `o`'s
 /// record only under that lock, and only when its entry no longer belongs to `o` (a key
 /// moved to another owner and back meanwhile stays). So `o`'s record names every key of `o`
-/// until `o` dies, and `o`'s death removes them all. Every change to the fingerprint index
+/// until `o` dies, and `o`'s death removes them all. (An owner already dead when it
+/// registers gets no record: its entries are kept as dead and leave through
+/// [`Registry::remove_dead`] or [`Registry::remove_if_dead`].) Every change to the fingerprint index
 /// is made while the entry's shard in `entries` is write-locked, so the index names key `k`
 /// under `f` exactly when `k`'s entry has `f`.
 pub struct Registry<K, O> {
@@ -219,18 +232,21 @@ where
             Entry::Vacant(slot) => {
                 entry.alive = monitor(&owner);
                 if entry.alive {
-                    slot.insert(Keys::One(key.clone()));
+                    // The new record stays locked until the entry is in: an owner that
+                    // dies meanwhile is detached only after, and its entry leaves with it.
+                    let _record = slot.insert(Keys::One(key.clone()));
+                    #[cfg(test)]
+                    test_hook("new record");
+                    self.put(key.clone(), entry)
                 } else {
                     drop(slot);
+                    self.put(key.clone(), entry)
                 }
-                self.put(key.clone(), entry)
             }
         };
         let old = replaced?;
         #[cfg(test)]
-        if let Some(hook) = AFTER_REPLACE.with(|hook| hook.take()) {
-            hook();
-        }
+        test_hook("replaced");
         if old.owner != owner {
             if let Some(mut keys) = self.owners.get_mut(&old.owner) {
                 // Unless the key came back to its old owner since the put above: that
@@ -772,18 +788,46 @@ mod tests {
         let reg = Arc::new(Reg::new());
         reg.register("w".into(), entry(1, None), |_| true);
         let b = Arc::clone(&reg);
-        AFTER_REPLACE.with(|hook| {
-            hook.set(Some(Box::new(move || {
-                std::thread::spawn(move || b.register("w".into(), entry(1, None), |_| true))
-                    .join()
-                    .unwrap();
-            })))
+        TEST_HOOK.with(|hook| {
+            hook.set(Some((
+                "replaced",
+                Box::new(move || {
+                    std::thread::spawn(move || b.register("w".into(), entry(1, None), |_| true))
+                        .join()
+                        .unwrap();
+                }),
+            )))
         });
         reg.register("w".into(), entry(2, None), |_| true);
         assert_eq!(reg.get("w").map(|e| e.owner), Some(1));
         assert!(reg.owner_down(&2).is_empty());
         assert_eq!(reg.owner_down(&1).len(), 1, "owner 1's death removes \"w\"");
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn an_owner_that_dies_while_its_first_entry_goes_in_takes_it_along() {
+        // Owner 1's record is made; before its entry is put, owner 1 dies on another thread
+        // (its `down`). The death must wait for the entry and remove it, or the entry would
+        // stay forever (alive, so no sweep takes it). The 50 ms give the death every chance
+        // to run at that point if the record were not held.
+        let reg = Arc::new(Reg::new());
+        let down = Arc::new(Mutex::new(None));
+        let (r, d) = (Arc::clone(&reg), Arc::clone(&down));
+        TEST_HOOK.with(|hook| {
+            hook.set(Some((
+                "new record",
+                Box::new(move || {
+                    let death = std::thread::spawn(move || r.owner_down(&1).len());
+                    *d.lock().unwrap() = Some(death);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }),
+            )))
+        });
+        reg.register("w".into(), entry(1, None), |_| true);
+        let death = down.lock().unwrap().take().expect("the hook ran");
+        assert_eq!(death.join().unwrap(), 1, "the death removed the entry");
+        assert!(reg.is_empty(), "left: {:?}", reg.entries());
     }
 
     #[test]

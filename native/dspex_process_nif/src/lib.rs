@@ -32,9 +32,11 @@ pub(crate) fn atom(env: Env, name: &str) -> Atom {
 }
 
 /// Registers `$name` (a `fn(Env, [Term; $arity]) -> NifResult<Term>`, which decodes its
-/// own arguments; `Err(BadArg)` raises `ArgumentError`) as a NIF on a normal scheduler, as `#[rustler::nif]` does but without
-/// collecting the arguments into a `Vec`: one allocation less on calls that take a few
-/// hundred ns in all (the registry's single-entry calls). A panic raises as with rustler.
+/// own arguments; `Err(BadArg)` raises `ArgumentError`) as a NIF, as `#[rustler::nif]`
+/// does but without collecting the arguments into a `Vec`: one allocation less on calls
+/// that take a few hundred ns in all (the registry's single-entry calls). A panic raises
+/// as with rustler. Normal scheduler only (no `schedule` option). It uses rustler's
+/// `codegen_runtime`, which is why rustler is pinned to an exact version.
 #[macro_export]
 macro_rules! lean_nif {
     ($name:ident, $arity:literal) => {
@@ -52,9 +54,10 @@ macro_rules! lean_nif {
                     let lifetime = ();
                     // SAFETY: the VM calls this with its env and `argc` valid terms.
                     let env = unsafe { rustler::Env::new(&lifetime, env) };
-                    let argv = unsafe { std::slice::from_raw_parts(argv, argc as usize) };
+                    // The VM passes the arity the NIF was registered with.
+                    debug_assert_eq!(argc as usize, $arity);
                     let args: [rustler::Term; $arity] =
-                        std::array::from_fn(|i| unsafe { rustler::Term::new(env, argv[i]) });
+                        std::array::from_fn(|i| unsafe { rustler::Term::new(env, *argv.add(i)) });
                     let result = std::panic::catch_unwind(move || $name(env, args));
                     // SAFETY: as in rustler's own NIF wrapper.
                     unsafe { rustler::codegen_runtime::handle_nif_result(result, env).apply(env) }

@@ -835,7 +835,9 @@ fn registries_hold(
 /// instead of through `:persistent_term` and a resource term, which cost as much as the
 /// lookup itself. A registry's table lives as long as the VM (`:persistent_term` holds it),
 /// so each named one is leaked once into a `&'static` reference, which a call copies out
-/// before it releases the lock: no call holds the lock while it works.
+/// before it releases the lock: no call holds the lock while it works. A name is never
+/// removed: were its `:persistent_term` key erased (only tests do), the single-entry calls
+/// would still reach the old table until a new one takes the name.
 static NAMED: RwLock<Vec<(ErlNifTerm, &'static ResourceArc<RegistryResource>)>> =
     RwLock::new(Vec::new());
 
