@@ -18,6 +18,17 @@ impl ProcessIdentity {
         Ok(ProcessIdentity { pid, start_time })
     }
 
+    /// Reads the identity of the process that has `pid` now and its parent's pid, from one
+    /// read of `/proc/PID/stat`.
+    pub fn with_parent(pid: Pid) -> Result<(ProcessIdentity, i32)> {
+        let stat = crate::proc_facts::Stat::read(pid.as_raw())?;
+        let identity = ProcessIdentity {
+            pid,
+            start_time: stat.start_time,
+        };
+        Ok((identity, stat.ppid))
+    }
+
     /// True if the process with this pid is still the one recorded: it exists and its start
     /// time is unchanged. A zombie still counts as the same process.
     pub fn is_current(&self) -> bool {
@@ -84,7 +95,7 @@ impl PinnedProcess {
     /// another user's process exists too); ESRCH there means reaped, and the pid may have
     /// been reused, so whatever was read is not trusted: `Gone`.
     pub fn read(&self) -> Result<PinnedRead> {
-        let stat = crate::proc_facts::Stat::read(self.pid.as_raw());
+        let read = ProcessIdentity::with_parent(self.pid);
         match crate::sys::pidfd_probe(&self.fd) {
             Ok(()) | Err(libc::EPERM) => {}
             Err(libc::ESRCH) => return Ok(PinnedRead::Gone),
@@ -96,14 +107,8 @@ impl PinnedProcess {
                 })
             }
         }
-        match stat {
-            Ok(stat) => Ok(PinnedRead::Present {
-                identity: ProcessIdentity {
-                    pid: self.pid,
-                    start_time: stat.start_time,
-                },
-                ppid: stat.ppid,
-            }),
+        match read {
+            Ok((identity, ppid)) => Ok(PinnedRead::Present { identity, ppid }),
             // The process holds its pid, yet /proc says there is none: hidden (hidepid).
             Err(crate::error::Error::NoSuchProcess(pid)) => {
                 Err(crate::error::Error::PermissionDenied(pid))

@@ -366,6 +366,8 @@ pub fn proc_stat_readable_by_all(mountinfo: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::process::Command;
 
     #[test]
     fn proc_is_readable_by_all_only_without_hidepid_or_subset() {
@@ -388,8 +390,6 @@ mod tests {
         assert!(!proc_stat_readable_by_all(sys));
         assert!(!proc_stat_readable_by_all(""));
     }
-    use super::*;
-    use std::process::Command;
 
     #[test]
     fn parses_start_time_even_with_hostile_comm() {

@@ -559,24 +559,22 @@ fn register<'a>(
     }
     // Staged registrations come first: this one must not overtake them.
     settle(env);
-    let read = pid.map(|pid| {
-        let stat = dspex_process::Stat::read(pid.as_raw())?;
-        let identity = ProcessIdentity {
-            pid,
-            start_time: stat.start_time,
-        };
-        Ok::<_, dspex_process::Error>((identity, stat.ppid))
-    });
-    let (python, port_child) = match read {
+    let (python, port_child) = match pid.map(ProcessIdentity::with_parent) {
         None => (None, false),
-        Some(Ok((identity, ppid))) => (
-            Some(identity),
-            crate::process_info::is_port_child_by_parent(ppid),
-        ),
+        Some(Ok((identity, ppid))) => recorded(identity, ppid),
         Some(Err(e)) => return (atoms::error(), crate::atom(env, e.reason())).encode(env),
     };
     apply(env, resource, registration, python, port_child, false);
     atoms::ok().encode(env)
+}
+
+/// What a registration records of the process it read: its identity, and whether it is a
+/// port program of this VM (its parent is this VM's port helper).
+fn recorded(identity: ProcessIdentity, ppid: i32) -> (Option<ProcessIdentity>, bool) {
+    (
+        Some(identity),
+        crate::process_info::is_port_child_by_parent(ppid),
+    )
 }
 
 /// A registration's own data, whether applied now or staged.
@@ -657,10 +655,7 @@ pub(crate) fn settle(env: Env) {
     let mut batch = batch.into_iter();
     while let Some(mut staged) = batch.next() {
         let (python, port_child) = match staged.pinned.read() {
-            Ok(PinnedRead::Present { identity, ppid }) => (
-                Some(identity),
-                crate::process_info::is_port_child_by_parent(ppid),
-            ),
+            Ok(PinnedRead::Present { identity, ppid }) => recorded(identity, ppid),
             // It exited and was reaped before it was read: nothing is left of it to track
             // or to end; the entry is recorded without an OS process.
             Ok(PinnedRead::Gone) => (None, false),
