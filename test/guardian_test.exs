@@ -59,13 +59,7 @@ defmodule DSPexProcess.GuardianTest do
     # The keeper opens the port and keeps it; it hands the registration on.
     keeper =
       spawn(fn ->
-        port =
-          Port.open({:spawn_executable, python()}, [
-            :binary,
-            args: ["-c", "import time; time.sleep(60)"]
-          ])
-
-        {:os_pid, pid} = Port.info(port, :os_pid)
+        {_port, pid} = start_lingering_python()
         send(parent, {:pid, pid})
         receive do: (:never -> :ok)
       end)

@@ -27,13 +27,7 @@ defmodule DSPexProcess.StagedRegistrationTest do
 
     owner =
       spawn(fn ->
-        port =
-          Port.open({:spawn_executable, python()}, [
-            :binary,
-            args: ["-c", "import time; time.sleep(60)", "staged_#{System.pid()}"]
-          ])
-
-        {:os_pid, pid} = Port.info(port, :os_pid)
+        {port, pid} = start_lingering_python(["staged_#{System.pid()}"])
         result = ProcessRegistry.register_worker(worker_id, self(), pid, "fp_staged")
         send(parent, {:registered, pid, result})
 
