@@ -751,15 +751,40 @@ fn unit_for(
     Some(unit)
 }
 
+/// A process found by pid for a signal that would reach it anyway (its group's, its
+/// unit's `cgroup.kill`): pinned and read, gone, or unknown because a read failed. Only a
+/// gone one may be left out of the vetting; an unknown one keeps that signal from being
+/// sent (its members are signalled one by one instead).
+enum Found {
+    Pinned(Pinned, Seen),
+    Gone,
+    Unknown,
+}
+
+/// Reads `/proc/PID/stat` of a process found by pid: `Err(Found::Gone)` only when no
+/// process has the pid any more; any other failure (EACCES, EMFILE, hidepid) is unknown.
+fn read_found(raw: i32) -> Result<Stat, Found> {
+    Stat::read(raw).map_err(|e| match e {
+        Error::NoSuchProcess(_) if !sys::pid_exists(raw) => Found::Gone,
+        _ => Found::Unknown,
+    })
+}
+
 /// Pins the process `stat` was read from (pid `raw`); pinning reads it again after its
-/// pidfd is open, and that read is the one that counts. `None` when it is gone or cannot
-/// be read by then: such a process is left alone.
-fn pin_as_read(raw: i32, stat: &Stat, budget: &mut Budget) -> Option<(Pinned, Seen)> {
+/// pidfd is open, and that read is the one that counts.
+fn pin_as_read(raw: i32, stat: &Stat, budget: &mut Budget) -> Found {
+    let Ok(pid) = Pid::new(i64::from(raw)) else {
+        return Found::Unknown;
+    };
     let identity = ProcessIdentity {
-        pid: Pid::new(i64::from(raw)).ok()?,
+        pid,
         start_time: stat.start_time,
     };
-    Pinned::pin(identity, budget).ok()
+    match Pinned::pin(identity, budget) {
+        Ok((pinned, seen)) => Found::Pinned(pinned, seen),
+        Err(Outcome::AlreadyGone) => Found::Gone,
+        Err(_) => Found::Unknown,
+    }
 }
 
 /// Pins every process of every unit that is not pinned already, vetting each like a group
@@ -776,17 +801,24 @@ fn pin_unit_members(
             if taken.contains(&raw) {
                 continue;
             }
-            let Ok(stat) = Stat::read(raw) else {
-                continue;
-            };
-            let Some((member, seen)) = pin_as_read(raw, &stat, budget) else {
-                continue;
+            let found = read_found(raw).map(|stat| pin_as_read(raw, &stat, budget));
+            let (member, seen) = match found {
+                Ok(Found::Pinned(member, seen)) => (member, seen),
+                Ok(Found::Gone) | Err(Found::Gone) => continue,
+                // Not vetted, yet `cgroup.kill` would reach it.
+                _ => {
+                    unit.killable = false;
+                    continue;
+                }
             };
             // Read after the pidfd is open: it still is in the unit, so the pidfd is ours.
-            let inside = Hierarchy::path_of(&raw.to_string())
-                .ok()
-                .flatten()
-                .is_some_and(|p| unit.unit.holds_path(&p));
+            let inside = match Hierarchy::path_of(&raw.to_string()) {
+                Ok(path) => path.is_some_and(|p| unit.unit.holds_path(&p)),
+                Err(_) => {
+                    unit.killable = false;
+                    continue;
+                }
+            };
             if !inside {
                 continue;
             }
@@ -849,15 +881,28 @@ fn pin_group_members(
         if taken.contains(&pid) {
             continue;
         }
-        let Ok(stat) = Stat::read(pid) else {
-            continue;
+        let stat = match read_found(pid) {
+            Ok(stat) => stat,
+            Err(Found::Gone) => continue,
+            // Its group is unknown, so it may be in any of these: no group signal at all.
+            Err(_) => {
+                for &j in groups.values() {
+                    jobs[j].1.group = false;
+                }
+                continue;
+            }
         };
         let Some(&j) = groups.get(&stat.pgid) else {
             continue;
         };
         // The refusals are judged on what pinning read, after its pidfd was open.
-        let Some((mut member, seen)) = pin_as_read(pid, &stat, budget) else {
-            continue;
+        let (mut member, seen) = match pin_as_read(pid, &stat, budget) {
+            Found::Pinned(member, seen) => (member, seen),
+            Found::Gone => continue,
+            Found::Unknown => {
+                jobs[j].1.group = false;
+                continue;
+            }
         };
         if seen.pgid != stat.pgid {
             continue;
@@ -901,8 +946,16 @@ fn pin_descendants(
                 if stat.ppid != parent {
                     continue;
                 }
-                let Some((member, seen)) = pin_as_read(child, &stat, budget) else {
-                    continue;
+                let (member, seen) = match pin_as_read(child, &stat, budget) {
+                    Found::Pinned(member, seen) => (member, seen),
+                    Found::Gone => continue,
+                    // Not signalled itself; nor through the group, if it is in it.
+                    Found::Unknown => {
+                        if stat.pgid == job.leader.identity.pid.as_raw() {
+                            job.group = false;
+                        }
+                        continue;
+                    }
                 };
                 // Still the child of the parent we walked from, read after pinning.
                 if seen.ppid != parent {
@@ -946,6 +999,33 @@ mod tests {
     use crate::test_util::{eventually, PYTHON};
     use std::os::unix::process::CommandExt;
     use std::process::{Child, Command};
+
+    #[test]
+    fn a_process_found_by_pid_is_left_out_only_when_gone() {
+        // Gone: a reaped child whose pid nobody has taken again.
+        let mut child = Command::new("true").spawn().unwrap();
+        let raw = child.id() as i32;
+        child.wait().unwrap();
+        if !sys::pid_exists(raw) {
+            assert!(matches!(read_found(raw), Err(Found::Gone)));
+        }
+        // Readable and pinnable: a live child of ours.
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let raw = child.id() as i32;
+        let stat = read_found(raw).ok().expect("its stat reads");
+        let mut budget = Budget(16);
+        assert!(matches!(pin_as_read(raw, &stat, &mut budget), Found::Pinned(..)));
+        // A start time that is not its own: pinning finds another process, so gone.
+        let other = Stat {
+            start_time: stat.start_time + 1,
+            ..stat.clone()
+        };
+        assert!(matches!(pin_as_read(raw, &other, &mut budget), Found::Gone));
+        // A pid that is never a target (init): unknown, never "gone".
+        assert!(matches!(pin_as_read(1, &stat, &mut budget), Found::Unknown));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 
     const SLEEPER: &str = "import time\nwhile True: time.sleep(1)";
     const STUBBORN: &str =
