@@ -182,8 +182,11 @@ defmodule DSPexProcess.CgroupLimitsTest do
       leaf = Path.join(dir, "w-#{sleeper}-#{start}")
 
       on_exit(fn ->
-        if File.exists?(leaf), do: File.write(Path.join(own, "cgroup.procs"), "#{sleeper}")
-        if alive?(sleeper, start), do: kill9(sleeper, start)
+        # Ended by identity (pid and start time), never by a pid that may be reused; its
+        # cgroups are empty then and go.
+        if alive?(sleeper, start),
+          do: DSPexProcess.Termination.run([{sleeper, start}], grace_ms: 0, kill_wait_ms: 1_000)
+
         File.rmdir(leaf)
         File.rmdir(dir)
       end)
@@ -207,8 +210,14 @@ defmodule DSPexProcess.CgroupLimitsTest do
       # once empty.
       Native.remove_dead_vm_cgroups()
       assert File.dir?(leaf)
+      assert alive?(sleeper, start)
       File.write!(Path.join(own, "cgroup.procs"), "#{sleeper}")
-      assert eventually(fn -> Native.remove_dead_vm_cgroups() >= 0 and not File.exists?(dir) end)
+
+      assert eventually(fn ->
+               Native.remove_dead_vm_cgroups()
+               not File.exists?(dir)
+             end)
+
       assert alive?(sleeper, start)
     end
   end
