@@ -385,20 +385,10 @@ defmodule DSPexProcess.Guardian do
 
   # Releases
 
-  defp release(state, released) do
-    # What is not verified as this VM's port program is not the guardian's to end. A
-    # release this guardian never saw registered (queued before a predecessor was killed)
-    # is verified now, as at registration.
-    case Enum.filter(released, fn {pid, start, _} ->
-           MapSet.member?(state.verified, {pid, start}) or
-             Native.port_child_identity?(pid, start)
-         end) do
-      [] -> state
-      verified -> release_verified(state, verified)
-    end
-  end
-
-  defp release_verified(%{opts: opts} = state, released) do
+  # The registries release only processes read as this VM's port programs when they
+  # registered (see `release_of` in the NIF's `registry.rs`): the guardian's to end, also
+  # when their registration was heard by a predecessor that was killed.
+  defp release(%{opts: opts} = state, released) do
     if opts[:end_released] do
       due = now() + opts[:release_delay_ms]
 

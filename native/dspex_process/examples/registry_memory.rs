@@ -80,6 +80,7 @@ fn main() {
             fingerprint: registry.intern(&fingerprints[i]),
             registered_at: 1_795_690_000,
             alive: false,
+            port_child: false,
         };
         registry.register(key(&ids[i]), entry, |_| true);
     }

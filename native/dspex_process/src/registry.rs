@@ -34,6 +34,9 @@ pub struct WorkerEntry<O> {
     /// The owner is being watched, hence alive: an entry leaves the registry as soon as its
     /// owner dies. `false` only when the owner was already dead when it registered.
     pub alive: bool,
+    /// The OS process was read as a port program of this VM when it registered (its parent
+    /// was the VM's port helper): only such a process may be ended when it leaves.
+    pub port_child: bool,
 }
 
 /// Counts over the registry.
@@ -213,14 +216,14 @@ where
     /// owner, the first time it registers; it returns `false` when the owner is already dead,
     /// and the entry is then kept as dead until [`Registry::remove_dead`] takes it.
     ///
-    /// Returns the OS process the replaced entry named when the new entry names another one
-    /// (or none): that process has left the registry.
+    /// Returns the replaced entry when it named an OS process and the new entry names
+    /// another one (or none): that process has left the registry.
     pub fn register(
         &self,
         key: K,
         mut entry: WorkerEntry<O>,
         monitor: impl FnOnce(&O) -> bool,
-    ) -> Option<ProcessIdentity> {
+    ) -> Option<WorkerEntry<O>> {
         let owner = entry.owner;
         let python = entry.python;
         let replaced = match self.owners.entry(owner) {
@@ -258,7 +261,10 @@ where
                 }
             }
         }
-        old.python.filter(|old_python| Some(*old_python) != python)
+        let left = old
+            .python
+            .is_some_and(|old_python| Some(old_python) != python);
+        left.then_some(old)
     }
 
     /// Puts `entry` under `key` and keeps the fingerprint index in step, under the entry's
@@ -585,6 +591,7 @@ mod tests {
             fingerprint: format!("fp_{owner}").into(),
             registered_at: 1,
             alive: false,
+            port_child: false,
         }
     }
 
@@ -629,7 +636,7 @@ mod tests {
         assert_eq!(reg.register("w".into(), entry(1, Some(10)), |_| true), None);
         let left = reg.register("w".into(), entry(2, Some(20)), |_| true);
         assert_eq!(
-            left.map(|id| id.pid.as_raw()),
+            left.and_then(|e| e.python).map(|id| id.pid.as_raw()),
             Some(10),
             "pid 10 left the registry"
         );
@@ -650,6 +657,7 @@ mod tests {
         assert_eq!(reg.register("w".into(), entry(1, Some(10)), |_| true), None);
         assert_eq!(
             reg.register("w".into(), entry(1, None), |_| true)
+                .and_then(|e| e.python)
                 .map(|i| i.pid.as_raw()),
             Some(10)
         );

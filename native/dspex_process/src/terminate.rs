@@ -1014,7 +1014,10 @@ mod tests {
         let raw = child.id() as i32;
         let stat = read_found(raw).ok().expect("its stat reads");
         let mut budget = Budget(16);
-        assert!(matches!(pin_as_read(raw, &stat, &mut budget), Found::Pinned(..)));
+        assert!(matches!(
+            pin_as_read(raw, &stat, &mut budget),
+            Found::Pinned(..)
+        ));
         // A start time that is not its own: pinning finds another process, so gone.
         let other = Stat {
             start_time: stat.start_time + 1,

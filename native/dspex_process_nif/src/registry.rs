@@ -207,11 +207,23 @@ impl rustler::Resource for RegistryResource {
     }
 }
 
-/// The OS processes and ids of removed entries (those without an OS process are left out).
+/// What the guardian hears of an entry that left: its OS process and id, when that
+/// process was read as this VM's port program at registration. Only such a process is the
+/// guardian's to end or hand off (it was told to the OS guard and contained as one), so
+/// no other is released to it, and it reads nothing from `/proc` to decide.
+fn release_of(
+    key: WorkerKey,
+    entry: WorkerEntry<LocalPid>,
+) -> Option<(ProcessIdentity, WorkerKey)> {
+    let python = entry.python.filter(|_| entry.port_child)?;
+    Some((python, key))
+}
+
+/// [`release_of`] each removed entry.
 fn released(removed: Vec<(WorkerKey, WorkerEntry<LocalPid>)>) -> Vec<(ProcessIdentity, WorkerKey)> {
     removed
         .into_iter()
-        .filter_map(|(key, entry)| Some((entry.python?, key)))
+        .filter_map(|(key, entry)| release_of(key, entry))
         .collect()
 }
 
@@ -721,6 +733,7 @@ fn apply(
         fingerprint,
         registered_at,
         alive: false,
+        port_child,
     };
     // Told before the entry is in: whatever removes it (its owner's `down` on another
     // scheduler, an unregister) can only queue its release after this.
@@ -740,13 +753,10 @@ fn apply(
         env.monitor(resource, pid).is_some()
     });
     let mut released = Vec::new();
-    if let Some(old) = replaced {
-        released.push((old, Arc::clone(&key)));
-    }
+    released.extend(replaced.and_then(|old| release_of(Arc::clone(&key), old)));
     if staged {
-        if let Some((key, entry)) = resource.registry.remove_if_dead(&key, &owner) {
-            released.extend(entry.python.map(|p| (p, key)));
-        }
+        let removed = resource.registry.remove_if_dead(&key, &owner);
+        released.extend(removed.and_then(|(key, entry)| release_of(key, entry)));
     }
     notify_released(Sender::Env(env), resource.guarded, released);
 }
@@ -765,7 +775,7 @@ fn unregister(env: Env, resource: &RegistryResource, worker_id: Term) -> Atom {
     settle(env);
     let removed = with_key(worker_id, |key| {
         let (key, entry) = resource.registry.remove(key)?;
-        Some((entry.python?, key))
+        release_of(key, entry)
     });
     if let Some(released) = removed {
         notify_released(Sender::Env(env), resource.guarded, vec![released]);
