@@ -408,8 +408,15 @@ defmodule DSPexProcess.Guardian do
   defp hand_off(state, []), do: state
 
   defp hand_off(state, ids) do
-    if state.containment.mode == :cgroup,
-      do: Enum.each(ids, fn {pid, start} -> Native.cgroup_dissolve(pid, start) end)
+    if state.containment.mode == :cgroup do
+      for {pid, start} <- ids, not Native.cgroup_dissolve(pid, start) do
+        # Still in a leaf of this VM: ended with it (a dead VM's cgroups are emptied).
+        Logger.warning(
+          "DSPexProcess.Guardian: OS process #{pid} was handed off but its cgroup leaf " <>
+            "could not be removed; it will end with this VM"
+        )
+      end
+    end
 
     tell(state, "-", ids)
     %{state | verified: MapSet.difference(state.verified, MapSet.new(ids))}

@@ -286,7 +286,8 @@ fn cgroup_dissolve(pid: i64, start_time: u64) -> bool {
     match (own_cgroup(), identity(pid, start_time)) {
         (Some(vm), Some(id)) => {
             // Its v1 leaves too, each of them: a process handed off keeps no limit of this
-            // VM, and is found in no cgroup of it once the VM is gone.
+            // VM. False when a leaf stays (the guardian says so: the process would end with
+            // the VM's cgroups).
             let v1 = cgroup_v1::dissolve_all(&own_v1_cgroups(), &id);
             vm.dissolve(&id) && v1
         }
