@@ -385,14 +385,18 @@ pub fn vm_cgroups() -> Vec<VmCgroup> {
 /// containment (a hand-off whose v1 move failed, a process moved by someone else) and is
 /// not that VM's to end. Its v1 leaf stays until it is empty.
 pub fn dead_vm_cgroups() -> Vec<VmCgroup> {
-    let ns = crate::markers::own_pid_namespace();
     let mut all = crate::cgroup::dead_vm_cgroups();
-    all.extend(
-        vm_cgroups()
-            .into_iter()
-            .filter(|vm| !crate::cgroup::vm_alive(&vm.name, ns)),
-    );
+    all.extend(dead_v1_vm_cgroups());
     all
+}
+
+/// The per-VM cgroups of dead VMs in the cgroup v1 hierarchies only.
+pub fn dead_v1_vm_cgroups() -> Vec<VmCgroup> {
+    let ns = crate::markers::own_pid_namespace();
+    vm_cgroups()
+        .into_iter()
+        .filter(|vm| !crate::cgroup::vm_alive(&vm.name, ns))
+        .collect()
 }
 
 /// The leaves named after `id` in `v1`, removed when empty; true when none is left.

@@ -113,25 +113,16 @@ impl Selection {
         self.no_cgroups || std::env::var_os("DSPEX_PROC_NO_CGROUPS").is_some_and(|v| !v.is_empty())
     }
 
-    /// The per-VM cgroups (cgroup2: the containment) of dead VMs whose processes are
-    /// reported, unless that pass is off. A dead VM's cgroup v1 ones only carried limits:
-    /// a process in them and in none of these left the containment (handed off) and is not
-    /// an orphan of that VM.
-    fn dead_vm_cgroups(&self) -> Vec<cgroup::VmCgroup> {
+    /// `cgroups()`, unless the cgroup pass is off. The per-VM cgroups (cgroup2: the
+    /// containment) of dead VMs are what names orphans; a dead VM's cgroup v1 ones only
+    /// carried limits: a process in them and in none of the cgroup2 ones left the
+    /// containment (handed off) and is not an orphan of that VM, and they are only removed
+    /// once empty by a cleanup.
+    fn cgroups<T>(&self, cgroups: impl FnOnce() -> Vec<T>) -> Vec<T> {
         if self.cgroups_off() {
             Vec::new()
         } else {
-            cgroup::dead_vm_cgroups()
-        }
-    }
-
-    /// The per-VM cgroups of dead VMs, cgroup2 and cgroup v1, removed once empty by a
-    /// cleanup, unless that pass is off.
-    fn dead_vm_cgroups_to_remove(&self) -> Vec<cgroup::VmCgroup> {
-        if self.cgroups_off() {
-            Vec::new()
-        } else {
-            dspex_process::cgroup_v1::dead_vm_cgroups()
+            cgroups()
         }
     }
 }
@@ -402,7 +393,7 @@ fn status(sel: &Selection, json: bool) -> u8 {
         Err(code) => return code,
     };
     let detections = detect(&pattern);
-    let in_cgroups = cgroup::cgroup_orphans(&sel.dead_vm_cgroups());
+    let in_cgroups = cgroup::cgroup_orphans(&sel.cgroups(cgroup::dead_vm_cgroups));
     let targets = targets(sel, &detections, &in_cgroups);
     let counts = class_counts(&detections, &targets);
     let health = Health::of(targets.len(), counts.total()).name();
@@ -442,7 +433,7 @@ fn find(sel: &Selection, json: bool) -> u8 {
         Err(code) => return code,
     };
     let detections = detect(&pattern);
-    let in_cgroups = cgroup::cgroup_orphans(&sel.dead_vm_cgroups());
+    let in_cgroups = cgroup::cgroup_orphans(&sel.cgroups(cgroup::dead_vm_cgroups));
     let targets = targets(sel, &detections, &in_cgroups);
     if json {
         let list: Vec<&Value> = targets.iter().map(|t| &t.json).collect();
@@ -519,7 +510,8 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
         );
     }
     let detections = detect(&pattern);
-    let in_cgroups = cgroup::cgroup_orphans(&sel.dead_vm_cgroups());
+    let dead_vms = sel.cgroups(cgroup::dead_vm_cgroups);
+    let in_cgroups = cgroup::cgroup_orphans(&dead_vms);
     let targets = targets(sel, &detections, &in_cgroups);
     let counts = class_counts(&detections, &targets);
 
@@ -547,7 +539,8 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
             .collect();
         // Dead VMs' cgroups (cgroup2 and v1) that are empty now (or were already) are
         // removed.
-        for vm in &sel.dead_vm_cgroups_to_remove() {
+        let dead_v1 = sel.cgroups(dspex_process::cgroup_v1::dead_v1_vm_cgroups);
+        for vm in dead_vms.iter().chain(&dead_v1) {
             vm.remove_empty();
         }
         outcomes
