@@ -34,20 +34,9 @@ pub const LEAF_PREFIX: &str = "w-";
 /// The cgroup2 mount of a mountinfo text: `(mount point, root of the mount)`. Octal escapes
 /// (`\040` for a space) are decoded.
 pub fn parse_v2_mount(mountinfo: &str) -> Option<(PathBuf, String)> {
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        if right.split_ascii_whitespace().next() != Some("cgroup2") {
-            continue;
-        }
-        let fields: Vec<&str> = left.split_ascii_whitespace().collect();
-        if fields.len() < 5 {
-            continue;
-        }
-        return Some((PathBuf::from(unescape(fields[4])), unescape(fields[3])));
-    }
-    None
+    crate::proc_facts::mount_entries(mountinfo)
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| (PathBuf::from(unescape(m.mount_point)), unescape(m.root)))
 }
 
 pub(crate) fn unescape(field: &str) -> String {

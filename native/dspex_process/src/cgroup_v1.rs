@@ -70,33 +70,23 @@ impl V1Mount {
 /// once, at its first mount.
 pub fn parse_v1_mounts(mountinfo: &str) -> Vec<V1Mount> {
     let mut found: Vec<V1Mount> = Vec::new();
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mut right = right.split_ascii_whitespace();
-        if right.next() != Some("cgroup") {
+    for mount in crate::proc_facts::mount_entries(mountinfo) {
+        if mount.fstype != "cgroup" {
             continue;
         }
-        let Some(options) = right.nth(1) else {
-            continue;
-        };
-        let controllers: Vec<String> = options
+        let controllers: Vec<String> = mount
+            .super_options
             .split(',')
             .filter(|o| KNOWN_CONTROLLERS.contains(o))
             .map(str::to_string)
             .collect();
-        let fields: Vec<&str> = left.split_ascii_whitespace().collect();
-        if controllers.is_empty() || fields.len() < 5 {
-            continue;
-        }
-        if found.iter().any(|m| m.controllers == controllers) {
+        if controllers.is_empty() || found.iter().any(|m| m.controllers == controllers) {
             continue;
         }
         found.push(V1Mount {
             hierarchy: Hierarchy {
-                mount: PathBuf::from(unescape(fields[4])),
-                mount_root: unescape(fields[3]),
+                mount: PathBuf::from(unescape(mount.mount_point)),
+                mount_root: unescape(mount.root),
             },
             controllers,
         });

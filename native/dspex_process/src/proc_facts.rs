@@ -337,25 +337,43 @@ pub fn uptime_ticks(ticks_per_second: u64) -> u64 {
         .map_or(0, |secs| (secs * ticks_per_second as f64) as u64)
 }
 
+/// One line of `/proc/PID/mountinfo`, its fields as written there (octal escapes kept).
+pub(crate) struct MountEntry<'a> {
+    pub root: &'a str,
+    pub mount_point: &'a str,
+    pub fstype: &'a str,
+    pub super_options: &'a str,
+}
+
+/// The well-formed lines of a `mountinfo` text, in order (later mounts over earlier ones).
+pub(crate) fn mount_entries(mountinfo: &str) -> impl Iterator<Item = MountEntry<'_>> {
+    mountinfo.lines().filter_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut left = left.split_ascii_whitespace();
+        let root = left.nth(3)?;
+        let mount_point = left.next()?;
+        let mut right = right.split_ascii_whitespace();
+        let fstype = right.next()?;
+        let super_options = right.nth(1).unwrap_or("");
+        Some(MountEntry {
+            root,
+            mount_point,
+            fstype,
+            super_options,
+        })
+    })
+}
+
 /// Whether `/proc`, as mounted for this process (`mountinfo`: `/proc/self/mountinfo`),
 /// lets every process's `/proc/PID/stat` be read: no `hidepid` other than 0 and no
 /// `subset`. Only then can a start time be read later without a chance of EACCES or of a
 /// live process that looks absent. No `/proc` mount found: `false`.
 pub fn proc_stat_readable_by_all(mountinfo: &str) -> bool {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let mount_point = fields.nth(4)?;
-            let rest: Vec<&str> = fields.collect();
-            let separator = rest.iter().position(|f| *f == "-")?;
-            let fstype = rest.get(separator + 1)?;
-            let super_options = rest.get(separator + 3).copied().unwrap_or("");
-            (mount_point == "/proc" && *fstype == "proc").then_some(super_options)
-        })
-        .next_back()
-        .is_some_and(|options| {
-            options.split(',').all(|option| {
+    mount_entries(mountinfo)
+        .filter(|m| m.mount_point == "/proc" && m.fstype == "proc")
+        .last()
+        .is_some_and(|proc| {
+            proc.super_options.split(',').all(|option| {
                 let hides = option.starts_with("subset=")
                     || option.starts_with("hidepid=")
                         && !matches!(option, "hidepid=0" | "hidepid=off");
