@@ -204,6 +204,8 @@ defmodule DSPexProcess.Guardian do
       # identities verified as this VM's port programs when they registered
       verified: MapSet.new(),
       timer: nil,
+      # the delayed take of a burst of releases, until notices are taken
+      notices_timer: nil,
       # watch ref => registrations, newest first
       watches: %{}
     }
@@ -235,8 +237,8 @@ defmodule DSPexProcess.Guardian do
   # Releases only: taken a few ms later, so that a burst of them wakes the guardian once
   # (a released process is ended only after `release_delay_ms` anyway).
   def handle_info(:dspex_notices_soon, state) do
-    Process.send_after(self(), :dspex_notices, @release_batch_ms)
-    {:noreply, state}
+    timer = Process.send_after(self(), :dspex_notices, @release_batch_ms)
+    {:noreply, %{state | notices_timer: timer}}
   end
 
   def handle_info(:check, state) do
@@ -492,7 +494,9 @@ defmodule DSPexProcess.Guardian do
   # The registries queue their notices natively, in order, and wake the guardian with one
   # message while it has some to take (see `registry.rs` in the NIF).
   defp take_notices(state) do
-    Enum.reduce(Native.guardian_take_notices(), state, &notice/2)
+    # A delayed take still to come would find nothing: everything is taken now.
+    if state.notices_timer, do: Process.cancel_timer(state.notices_timer, info: false)
+    Enum.reduce(Native.guardian_take_notices(), %{state | notices_timer: nil}, &notice/2)
   end
 
   defp notice({:registered, {pid, start} = id, worker_id, owner, guarded, port_child}, state) do
