@@ -55,9 +55,19 @@ enum Keys<K> {
     None,
     One(K),
     // Boxed so that the common `One` record is 24 bytes, not the 56 of an inline set.
-    #[allow(clippy::box_collection)]
-    Many(Box<HashSet<K, foldhash::fast::RandomState>>),
+    Many(Box<ManyKeys<K>>),
 }
+
+#[derive(Debug)]
+struct ManyKeys<K> {
+    keys: HashSet<K, foldhash::fast::RandomState>,
+    /// An owner's record is pruned of the keys that left it when it reaches this size
+    /// (see [`Keys::add_owned`]); unused by the fingerprint index.
+    prune_at: usize,
+}
+
+/// The smallest size at which an owner's record of many keys is pruned.
+const PRUNE_MIN: usize = 8;
 
 impl<K: Eq + Hash + Clone> Keys<K> {
     fn add(&mut self, key: K) {
@@ -67,12 +77,32 @@ impl<K: Eq + Hash + Clone> Keys<K> {
             Keys::One(k) => {
                 let mut keys = HashSet::with_hasher(foldhash::fast::RandomState::default());
                 keys.extend([k, key]);
-                *self = Keys::Many(Box::new(keys));
+                *self = Keys::Many(Box::new(ManyKeys {
+                    keys,
+                    prune_at: PRUNE_MIN,
+                }));
             }
-            Keys::Many(mut ks) => {
-                ks.insert(key);
-                *self = Keys::Many(ks);
+            Keys::Many(mut many) => {
+                many.keys.insert(key);
+                *self = Keys::Many(many);
             }
+        }
+    }
+
+    /// Adds `key` to an owner's record. Unregistering leaves a key in its owner's record
+    /// (one lock instead of three); `still_owned` tells such keys from live ones, and they
+    /// go when the record would grow: a lone key that left is replaced, and a set is pruned
+    /// each time it reaches twice its size after the last pruning. A record thus holds at
+    /// most about twice the most keys its owner had at once, in amortized O(1) per call.
+    fn add_owned(&mut self, key: K, still_owned: impl Fn(&K) -> bool) {
+        match self {
+            Keys::One(k) if *k != key && !still_owned(k) => *self = Keys::One(key),
+            Keys::Many(many) if many.keys.len() >= many.prune_at => {
+                many.keys.retain(|k| still_owned(k));
+                many.prune_at = (2 * many.keys.len()).max(PRUNE_MIN);
+                many.keys.insert(key);
+            }
+            _ => self.add(key),
         }
     }
 
@@ -83,8 +113,8 @@ impl<K: Eq + Hash + Clone> Keys<K> {
     {
         match self {
             Keys::One(k) if (*k).borrow() == key => *self = Keys::None,
-            Keys::Many(ks) => {
-                ks.remove(key);
+            Keys::Many(many) => {
+                many.keys.remove(key);
             }
             _ => {}
         }
@@ -94,7 +124,7 @@ impl<K: Eq + Hash + Clone> Keys<K> {
         match self {
             Keys::None => 0,
             Keys::One(_) => 1,
-            Keys::Many(ks) => ks.len(),
+            Keys::Many(many) => many.keys.len(),
         }
     }
 
@@ -102,7 +132,7 @@ impl<K: Eq + Hash + Clone> Keys<K> {
         match self {
             Keys::None => Vec::new(),
             Keys::One(k) => vec![k.clone()],
-            Keys::Many(ks) => ks.iter().cloned().collect(),
+            Keys::Many(many) => many.keys.iter().cloned().collect(),
         }
     }
 
@@ -110,7 +140,7 @@ impl<K: Eq + Hash + Clone> Keys<K> {
         match self {
             Keys::None => Vec::new(),
             Keys::One(k) => vec![k],
-            Keys::Many(ks) => ks.into_iter().collect(),
+            Keys::Many(many) => many.keys.into_iter().collect(),
         }
     }
 }
@@ -167,9 +197,11 @@ const SHARDS: usize = 64;
 /// Locking: the lock order is `owners`, then `entries`, then `fingerprints`; no code holds
 /// a lock while taking one earlier in that order. Every entry given to owner `o` is added
 /// to `o`'s record, under that record's lock, before the entry is put; a key leaves `o`'s
-/// record only under that lock, and only when its entry no longer belongs to `o` (a key
-/// moved to another owner and back meanwhile stays). So `o`'s record names every key of `o`
-/// until `o` dies, and `o`'s death removes them all. (An owner already dead when it
+/// record only under that lock, and only when its entry was read there and found not to
+/// belong to `o` (and no entry comes to `o` without that lock). So `o`'s record names every
+/// key of `o` until `o` dies, and `o`'s death removes them all. It may also name keys that
+/// left `o` (unregistered, or registered by another owner): `o`'s death skips them, and
+/// [`Keys::add_owned`] keeps their number bounded. (An owner already dead when it
 /// registers gets no record: its entries are kept as dead and leave through
 /// [`Registry::remove_dead`] or [`Registry::remove_if_dead`].) Every change to the fingerprint index
 /// is made while the entry's shard in `entries` is write-locked, so the index names key `k`
@@ -229,7 +261,9 @@ where
         let replaced = match self.owners.entry(owner) {
             Entry::Occupied(mut keys) => {
                 entry.alive = true;
-                keys.get_mut().add(key.clone());
+                keys.get_mut().add_owned(key.clone(), |k| {
+                    self.entries.get(k).is_some_and(|e| e.owner == owner)
+                });
                 self.put(key.clone(), entry)
             }
             Entry::Vacant(slot) => {
@@ -247,20 +281,8 @@ where
                 }
             }
         };
+        // The key stays in the old owner's record, if it had one (see `add_owned`).
         let old = replaced?;
-        #[cfg(test)]
-        test_hook("replaced");
-        if old.owner != owner {
-            if let Some(mut keys) = self.owners.get_mut(&old.owner) {
-                // Unless the key came back to its old owner since the put above: that
-                // registration added it to this record under this lock, and its entry
-                // must leave when the old owner dies.
-                let back = self.entries.get(&key).is_some_and(|e| e.owner == old.owner);
-                if !back {
-                    keys.remove(&key);
-                }
-            }
-        }
         let left = old
             .python
             .is_some_and(|old_python| Some(old_python) != python);
@@ -343,29 +365,14 @@ where
         self.remove(key).map(|(_, entry)| entry)
     }
 
-    /// Removes `key`; returns the registry's own key and the entry that were there.
+    /// Removes `key`; returns the registry's own key and the entry that were there. The
+    /// key stays in its owner's record (see [`Keys::add_owned`]).
     pub fn remove<Q>(&self, key: &Q) -> Option<(K, WorkerEntry<O>)>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        loop {
-            let owner = self.entries.get(key).map(|e| e.owner)?;
-            let removed = match self.owners.get_mut(&owner) {
-                Some(mut keys) => {
-                    let removed = self.take(key, |e| e.owner == owner);
-                    if removed.is_some() {
-                        keys.remove(key);
-                    }
-                    removed
-                }
-                None => self.take(key, |e| e.owner == owner),
-            };
-            if removed.is_some() {
-                return removed;
-            }
-            // The key changed owner between the read and the removal: look again.
-        }
+        self.take(key, |_| true)
     }
 
     /// The owner died: its entries leave. Returns them.
@@ -552,8 +559,24 @@ where
         self.owners.len()
     }
 
-    /// How many keys the owner has registered (0 when it is not watched).
+    /// How many of the keys in the owner's record are its live entries (0 when it is not
+    /// watched).
     pub fn owned_by(&self, owner: &O) -> usize {
+        self.owners.get(owner).map_or(0, |keys| {
+            keys.to_vec()
+                .iter()
+                .filter(|k| {
+                    self.entries
+                        .get(*k)
+                        .is_some_and(|e| e.owner == *owner && e.alive)
+                })
+                .count()
+        })
+    }
+
+    /// How many keys the owner's record holds, including those that left it.
+    #[cfg(test)]
+    pub(crate) fn recorded_by(&self, owner: &O) -> usize {
         self.owners.get(owner).map_or(0, |keys| keys.len())
     }
 
@@ -789,28 +812,53 @@ mod tests {
     }
 
     #[test]
-    fn a_key_that_comes_back_to_its_owner_during_a_move_leaves_with_that_owner() {
-        // Thread A moves "w" from owner 1 to owner 2; between A's put and A's clean-up of
-        // owner 1's record, thread B registers "w" for owner 1 again. Owner 1's record must
-        // still name "w", or the entry would outlive owner 1.
-        let reg = Arc::new(Reg::new());
+    fn a_key_moved_away_and_back_leaves_with_the_owner_it_came_back_to() {
+        let reg = Reg::new();
         reg.register("w".into(), entry(1, None), |_| true);
-        let b = Arc::clone(&reg);
-        TEST_HOOK.with(|hook| {
-            hook.set(Some((
-                "replaced",
-                Box::new(move || {
-                    std::thread::spawn(move || b.register("w".into(), entry(1, None), |_| true))
-                        .join()
-                        .unwrap();
-                }),
-            )))
-        });
         reg.register("w".into(), entry(2, None), |_| true);
-        assert_eq!(reg.get("w").map(|e| e.owner), Some(1));
-        assert!(reg.owner_down(&2).is_empty());
+        reg.register("w".into(), entry(1, None), |_| true);
+        assert!(reg.owner_down(&2).is_empty(), "owner 2 no longer has \"w\"");
         assert_eq!(reg.owner_down(&1).len(), 1, "owner 1's death removes \"w\"");
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn keys_that_left_an_owner_stay_bounded_in_its_record() {
+        let reg = Reg::new();
+        // One key at a time, as a DSPex worker restarting under the same owner would.
+        for i in 0..1_000 {
+            reg.register(format!("solo{i}"), entry(1, None), |_| true);
+            assert!(reg.unregister(format!("solo{i}").as_str()).is_some());
+        }
+        reg.register("last".into(), entry(1, None), |_| true);
+        assert_eq!(reg.recorded_by(&1), 1, "a lone key that left is replaced");
+        assert_eq!(reg.owned_by(&1), 1);
+        // 100 live keys while 10,000 others come and go, some moved to another owner.
+        for i in 0..100 {
+            reg.register(format!("live{i}"), entry(2, None), |_| true);
+        }
+        for i in 0..10_000 {
+            reg.register(format!("churn{i}"), entry(2, None), |_| true);
+            if i % 3 == 0 {
+                reg.register(format!("churn{i}"), entry(3, None), |_| true);
+            } else {
+                assert!(reg.unregister(format!("churn{i}").as_str()).is_some());
+            }
+            assert!(
+                reg.recorded_by(&2) <= 2 * 101 + 1,
+                "{}",
+                reg.recorded_by(&2)
+            );
+        }
+        assert_eq!(reg.owned_by(&2), 100);
+        let gone = reg.owner_down(&2);
+        assert_eq!(gone.len(), 100, "only the live keys leave with owner 2");
+        assert!(gone.iter().all(|(k, _)| k.starts_with("live")));
+        assert_eq!(
+            reg.len(),
+            1 + 3_334,
+            "owner 1's key and owner 3's keys stay"
+        );
     }
 
     #[test]
@@ -880,5 +928,21 @@ mod tests {
         assert!(owners.is_subset(&watched), "{owners:?} not in {watched:?}");
         assert_eq!(reg.watched_owners(), watched.len());
         assert!(reg.entries().iter().all(|(_, e)| e.alive));
+        // Each owner's record names all its keys, whatever left it: its death takes exactly
+        // its entries, and the deaths leave nothing.
+        for owner in watched {
+            let mut expected: Vec<String> = reg
+                .entries()
+                .into_iter()
+                .filter(|(_, e)| e.owner == owner)
+                .map(|(k, _)| k)
+                .collect();
+            let mut gone: Vec<String> =
+                reg.owner_down(&owner).into_iter().map(|(k, _)| k).collect();
+            expected.sort();
+            gone.sort();
+            assert_eq!(gone, expected, "owner {owner}");
+        }
+        assert!(reg.is_empty());
     }
 }
