@@ -154,6 +154,12 @@ defmodule DSPexProcess.ProcessRegistryTest do
       assert_receive :registered, 10_000
       assert length(ProcessRegistry.get_workers_by_fingerprint("big", reg)) == 1_501
 
+      verified? = fn ->
+        MapSet.member?(:sys.get_state(DSPexProcess.Guardian).verified, {os_pid, start})
+      end
+
+      assert eventually(verified?, 5_000), "the guardian took it as this VM's port program"
+
       log =
         capture_log(fn ->
           Process.exit(owner, :kill)
@@ -165,8 +171,12 @@ defmodule DSPexProcess.ProcessRegistryTest do
 
           assert ProcessRegistry.get_workers_by_fingerprint("big", reg) == []
           assert eventually(fn -> not alive?(os_pid, start) end, 10_000)
-          # The guardian logs right after it ends the process; let the line arrive.
-          Process.sleep(200)
+          # The guardian logs when its ending thread reports, a moment after the process
+          # is gone (seconds on a loaded machine): wait until it has taken the report (the
+          # identity leaves its verified set), then for the line to be written.
+          assert eventually(fn -> not verified?.() end, 10_000)
+
+          Logger.flush()
         end)
 
       assert log =~ "ended OS process #{os_pid} (worker {:big, 0})"
