@@ -2,7 +2,7 @@
 //! registry asks the heap for. Used by `bench/run.exs` (row "memory per entry").
 //!
 //! `cargo run --release --example registry_memory -- N` registers N workers the way the
-//! NIF does (binary worker ids kept as their external term format, an 8-byte owner handle,
+//! NIF does (binary worker ids kept as a zero byte and their bytes, an 8-byte owner handle,
 //! a real-looking pid and start time), one owner and one fingerprint per worker as in
 //! DSPex's pool (the worst case: nothing is shared), and prints
 //! `requested=<bytes per entry> footprint=<bytes per entry>`: `requested` is what the code
@@ -10,10 +10,9 @@
 //! size plus its 8-byte header). The VM's own monitor record per owner is measured by the
 //! benchmark itself.
 
-use dspex_process::{Pid, ProcessIdentity, Registry, WorkerEntry};
+use dspex_process::{KeyBytes, Pid, ProcessIdentity, Registry, WorkerEntry};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
-use std::sync::Arc;
 
 struct Counting;
 
@@ -46,12 +45,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// `term_to_binary/1` of a binary: 131, 109, its length (4 bytes), its bytes.
-fn key(id: &str) -> Arc<[u8]> {
-    let mut bytes = vec![131, 109];
-    bytes.extend_from_slice(&(id.len() as u32).to_be_bytes());
+/// A binary worker id as the NIF keeps it: a zero byte, then its bytes.
+fn key(id: &str) -> KeyBytes {
+    let mut bytes = vec![0];
     bytes.extend_from_slice(id.as_bytes());
-    bytes.into()
+    KeyBytes::new(&bytes)
 }
 
 fn main() {
@@ -69,7 +67,7 @@ fn main() {
         REQUESTED.load(Ordering::SeqCst),
         FOOTPRINT.load(Ordering::SeqCst),
     );
-    let registry: Registry<Arc<[u8]>, u64> = Registry::new();
+    let registry: Registry<KeyBytes, u64> = Registry::new();
     for i in 0..n {
         let entry = WorkerEntry {
             owner: 0x1000 + i as u64,

@@ -50,8 +50,8 @@ pub struct RegistryStats {
 
 /// A set of keys (an owner's, or a fingerprint's): almost always exactly one, kept without
 /// a collection; a boxed set for the owner (a pool manager, say) that registers many.
-/// Never empty (a record whose last key goes is removed), so that with a key of two words
-/// the whole record is two words: the box fits beside the key's non-null pointer.
+/// Never empty (a record whose last key goes is removed), so that the record is no bigger
+/// than its key: the box fits in the key's unused bits (a non-null pointer, a tag).
 #[derive(Debug)]
 enum Keys<K> {
     One(K),
@@ -617,9 +617,10 @@ mod tests {
     #[test]
     fn records_stay_small() {
         // What the memory row of the benchmark counts on: an optional identity costs no
-        // extra word, and an index record is the key's two words.
+        // extra word, and an index record is no bigger than its key.
         assert_eq!(size_of::<Option<ProcessIdentity>>(), 16);
         assert_eq!(size_of::<Keys<Arc<[u8]>>>(), 16);
+        assert_eq!(size_of::<Keys<crate::KeyBytes>>(), 24);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! to it (the Elixir side keeps one in `:persistent_term`), so it outlives the GenServer.
 
 use dspex_process::{
-    Pid, PinnedProcess, PinnedRead, ProcessIdentity, Registry, RegistryStats, WorkerEntry,
+    KeyBytes, Pid, PinnedProcess, PinnedRead, ProcessIdentity, Registry, RegistryStats, WorkerEntry,
 };
 use rustler::sys::ErlNifTerm;
 use rustler::types::binary::NewBinary;
@@ -131,7 +131,7 @@ fn notify_released(sender: Sender, guarded: bool, released: Vec<(ProcessIdentity
 
 /// Worker ids are arbitrary terms, kept as their external term format so they can be
 /// hashed and compared without an env; shared between the entry and its owner's record.
-type WorkerKey = Arc<[u8]>;
+type WorkerKey = KeyBytes;
 
 /// An owner with more entries than this is removed off the schedulers (see `down`):
 /// removing one entry and naming it in the guardian's notice takes about a microsecond,
@@ -447,12 +447,11 @@ impl<'a> InfoEncoder<'a> {
     }
 }
 
-/// `BINARY_EXT` in the external term format: a worker id that is a binary (the common
-/// case) is encoded and decoded here, byte for byte as `term_to_binary/1` does, without
-/// asking the VM; other ids go through `term_to_binary/1` and `binary_to_term/1`.
-const VERSION: u8 = 131;
-const BINARY_EXT: u8 = 109;
-const BINARY_HEADER: usize = 6;
+/// A worker id that is a binary (the common case) is kept as this byte and its bytes,
+/// encoded and decoded here without asking the VM, and short enough to stay inline in its
+/// key for ids of up to 21 bytes (see [`KeyBytes`]). Other ids are kept as
+/// `term_to_binary/1` gives them, which starts with 131, never with this byte.
+const BINARY_KEY: u8 = 0;
 
 /// Calls `f` with the key bytes of `term`: built on the stack for a short binary id, with
 /// no allocation.
@@ -461,31 +460,24 @@ fn with_key<R>(term: Term, f: impl FnOnce(&[u8]) -> R) -> R {
         return f(term.to_binary().as_slice());
     };
     let bytes = binary.as_slice();
-    let Ok(len) = u32::try_from(bytes.len()) else {
-        return f(term.to_binary().as_slice());
-    };
     let mut stack = [0u8; 128];
     let mut heap = Vec::new();
-    let buf: &mut [u8] = if BINARY_HEADER + bytes.len() <= stack.len() {
-        &mut stack[..BINARY_HEADER + bytes.len()]
+    let buf: &mut [u8] = if bytes.len() < stack.len() {
+        &mut stack[..1 + bytes.len()]
     } else {
-        heap.resize(BINARY_HEADER + bytes.len(), 0);
+        heap.resize(1 + bytes.len(), 0);
         &mut heap
     };
-    buf[0] = VERSION;
-    buf[1] = BINARY_EXT;
-    buf[2..BINARY_HEADER].copy_from_slice(&len.to_be_bytes());
-    buf[BINARY_HEADER..].copy_from_slice(bytes);
+    buf[0] = BINARY_KEY;
+    buf[1..].copy_from_slice(bytes);
     f(buf)
 }
 
 fn key_term<'a>(env: Env<'a>, key: &[u8]) -> Term<'a> {
-    if let [VERSION, BINARY_EXT, l0, l1, l2, l3, rest @ ..] = key {
-        if u32::from_be_bytes([*l0, *l1, *l2, *l3]) as usize == rest.len() {
-            return NewBinary::from_slice(env, rest).into();
-        }
+    if let [BINARY_KEY, id @ ..] = key {
+        return NewBinary::from_slice(env, id).into();
     }
-    // SAFETY: every key was produced by enif_term_to_binary in this VM, or is BINARY_EXT.
+    // SAFETY: every other key was produced by enif_term_to_binary in this VM.
     unsafe { env.binary_to_term_trusted(key) }
         .expect("registry keys are valid external terms")
         .0
@@ -547,7 +539,7 @@ fn register<'a>(
         Ok(pid) => pid,
         Err(e) => return (atoms::error(), crate::atom(env, e.reason())).encode(env),
     };
-    let key: WorkerKey = with_key(worker_id, |bytes| Arc::from(bytes));
+    let key: WorkerKey = with_key(worker_id, KeyBytes::new);
     let registration = Registration {
         key,
         owner: elixir_pid,
@@ -690,7 +682,7 @@ pub(crate) fn settle(env: Env) {
                     Sender::Env(env),
                     Notice::Unread {
                         pid: staged.pinned.pid().as_raw(),
-                        key: Arc::clone(&staged.registration.key),
+                        key: staged.registration.key.clone(),
                         reason: e.reason(),
                     },
                 );
@@ -742,18 +734,18 @@ fn apply(
         // guarded ones.
         let notice = Notice::Registered {
             identity,
-            key: Arc::clone(&key),
+            key: key.clone(),
             owner,
             guarded: resource.guarded,
             port_child,
         };
         notify(Sender::Env(env), notice);
     }
-    let replaced = resource.registry.register(Arc::clone(&key), entry, |pid| {
+    let replaced = resource.registry.register(key.clone(), entry, |pid| {
         env.monitor(resource, pid).is_some()
     });
     let mut released = Vec::new();
-    released.extend(replaced.and_then(|old| release_of(Arc::clone(&key), old)));
+    released.extend(replaced.and_then(|old| release_of(key.clone(), old)));
     if staged {
         let removed = resource.registry.remove_if_dead(&key, &owner);
         released.extend(removed.and_then(|(key, entry)| release_of(key, entry)));
