@@ -1,6 +1,7 @@
 use crate::identity::ProcessIdentity;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use indexmap::IndexSet;
 use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::hash::Hash;
@@ -48,27 +49,17 @@ pub struct RegistryStats {
     pub active_python_pids: usize,
 }
 
-/// A set of keys (an owner's, or a fingerprint's): almost always exactly one, kept without
-/// a collection; a boxed set for the owner (a pool manager, say) that registers many.
-/// Never empty (a record whose last key goes is removed), so that the record is no bigger
-/// than its key: the box fits in the key's unused bits (a non-null pointer, a tag).
+/// The keys of a fingerprint: almost always exactly one, kept without a collection; a
+/// boxed set when many workers share it. Never empty (a record whose last key goes is
+/// removed), so that the record is no bigger than its key: the box fits in the key's
+/// unused bits (a non-null pointer, a tag).
 #[derive(Debug)]
 enum Keys<K> {
     One(K),
     // Boxed so that the common `One` record stays small, not the 56 bytes of an inline set.
-    Many(Box<ManyKeys<K>>),
+    #[allow(clippy::box_collection)]
+    Many(Box<HashSet<K, foldhash::fast::RandomState>>),
 }
-
-#[derive(Debug)]
-struct ManyKeys<K> {
-    keys: HashSet<K, foldhash::fast::RandomState>,
-    /// An owner's record is pruned of the keys that left it when it reaches this size
-    /// (see [`Keys::add_owned`]); unused by the fingerprint index.
-    prune_at: usize,
-}
-
-/// The smallest size at which an owner's record of many keys is pruned.
-const PRUNE_MIN: usize = 8;
 
 impl<K: Eq + Hash + Clone> Keys<K> {
     fn add(&mut self, key: K) {
@@ -77,31 +68,11 @@ impl<K: Eq + Hash + Clone> Keys<K> {
             Keys::One(k) => {
                 let mut keys = HashSet::with_hasher(foldhash::fast::RandomState::default());
                 keys.extend([k.clone(), key]);
-                *self = Keys::Many(Box::new(ManyKeys {
-                    keys,
-                    prune_at: PRUNE_MIN,
-                }));
+                *self = Keys::Many(Box::new(keys));
             }
-            Keys::Many(many) => {
-                many.keys.insert(key);
+            Keys::Many(keys) => {
+                keys.insert(key);
             }
-        }
-    }
-
-    /// Adds `key` to an owner's record. Unregistering leaves a key in its owner's record
-    /// (one lock instead of three); `still_owned` tells such keys from live ones, and they
-    /// go when the record would grow: a lone key that left is replaced, and a set is pruned
-    /// each time it reaches twice its size after the last pruning. A record thus holds at
-    /// most about twice the most keys its owner had at once, in amortized O(1) per call.
-    fn add_owned(&mut self, key: K, still_owned: impl Fn(&K) -> bool) {
-        match self {
-            Keys::One(k) if *k != key && !still_owned(k) => *self = Keys::One(key),
-            Keys::Many(many) if many.keys.len() >= many.prune_at => {
-                many.keys.retain(|k| still_owned(k));
-                many.prune_at = (2 * many.keys.len()).max(PRUNE_MIN);
-                many.keys.insert(key);
-            }
-            _ => self.add(key),
         }
     }
 
@@ -114,31 +85,107 @@ impl<K: Eq + Hash + Clone> Keys<K> {
     {
         match self {
             Keys::One(k) => (*k).borrow() == key,
-            Keys::Many(many) => {
-                many.keys.remove(key);
-                many.keys.is_empty()
+            Keys::Many(keys) => {
+                keys.remove(key);
+                keys.is_empty()
             }
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Keys::One(_) => 1,
-            Keys::Many(many) => many.keys.len(),
         }
     }
 
     fn to_vec(&self) -> Vec<K> {
         match self {
             Keys::One(k) => vec![k.clone()],
-            Keys::Many(many) => many.keys.iter().cloned().collect(),
+            Keys::Many(keys) => keys.iter().cloned().collect(),
+        }
+    }
+}
+
+/// An owner's record: every key whose entry is the owner's, and maybe some that left it.
+/// Unregistering does not touch the record (one lock instead of three); registering for
+/// the owner drops keys that left, a bounded number per call, so that no call does work in
+/// proportion to the owner's keys (it runs on a VM scheduler):
+/// - a lone key that left is replaced by the new one;
+/// - a set of keys is swept two positions per registration, round robin (an `IndexSet`:
+///   positions, and no key twice). A sweep visits every position within half as many
+///   registrations as the set is large, so the set stays within about twice the most keys
+///   the owner had at once.
+///
+/// An owner that registers nothing more keeps what it has until it dies: its death skips
+/// the keys that left it.
+#[derive(Debug)]
+enum OwnerKeys<K> {
+    One(K),
+    Many(Box<SweptKeys<K>>),
+}
+
+#[derive(Debug)]
+struct SweptKeys<K> {
+    keys: IndexSet<K, foldhash::fast::RandomState>,
+    /// The next position the sweep checks.
+    sweep: usize,
+}
+
+/// Positions of an owner's list checked per registration (see [`OwnerKeys`]).
+const SWEEP_PER_ADD: usize = 2;
+
+impl<K: Eq + Hash + Clone> OwnerKeys<K> {
+    /// Adds `key` for a registration by the owner, called under the owner's lock before
+    /// the entry is put. `still_owned` reads whether a key's entry is the owner's now.
+    fn add(&mut self, key: K, still_owned: impl Fn(&K) -> bool) {
+        match self {
+            OwnerKeys::One(k) if *k == key => {}
+            OwnerKeys::One(k) if !still_owned(k) => *self = OwnerKeys::One(key),
+            OwnerKeys::One(k) => {
+                let mut keys = IndexSet::with_hasher(foldhash::fast::RandomState::default());
+                keys.extend([k.clone(), key]);
+                *self = OwnerKeys::Many(Box::new(SweptKeys { keys, sweep: 0 }));
+            }
+            OwnerKeys::Many(set) => {
+                // Before the insert: `key`'s entry is not in yet, and the sweep would take
+                // it for one that left (a copy of it already there may go: it comes back).
+                set.sweep_some(still_owned);
+                set.keys.insert(key);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            OwnerKeys::One(_) => 1,
+            OwnerKeys::Many(set) => set.keys.len(),
+        }
+    }
+
+    fn to_vec(&self) -> Vec<K> {
+        match self {
+            OwnerKeys::One(k) => vec![k.clone()],
+            OwnerKeys::Many(set) => set.keys.iter().cloned().collect(),
         }
     }
 
     fn into_vec(self) -> Vec<K> {
         match self {
-            Keys::One(k) => vec![k],
-            Keys::Many(many) => many.keys.into_iter().collect(),
+            OwnerKeys::One(k) => vec![k],
+            OwnerKeys::Many(set) => set.keys.into_iter().collect(),
+        }
+    }
+}
+
+impl<K> SweptKeys<K> {
+    /// Checks the next [`SWEEP_PER_ADD`] positions, dropping the keys that left.
+    fn sweep_some(&mut self, still_owned: impl Fn(&K) -> bool) {
+        for _ in 0..SWEEP_PER_ADD {
+            if self.sweep >= self.keys.len() {
+                self.sweep = 0;
+            }
+            match self.keys.get_index(self.sweep) {
+                // The last key moves into this position, and is checked next.
+                Some(key) if !still_owned(key) => {
+                    self.keys.swap_remove_index(self.sweep);
+                }
+                Some(_) => self.sweep += 1,
+                None => return,
+            }
         }
     }
 }
@@ -148,7 +195,7 @@ impl<K: Eq + Hash + Clone> Keys<K> {
 /// time proportional to their number (the NIF does that off the VM's schedulers when
 /// there are many).
 #[derive(Debug)]
-pub struct DetachedKeys<K>(Keys<K>);
+pub struct DetachedKeys<K>(OwnerKeys<K>);
 
 impl<K: Eq + Hash + Clone> DetachedKeys<K> {
     pub fn len(&self) -> usize {
@@ -199,14 +246,14 @@ const SHARDS: usize = 64;
 /// belong to `o` (and no entry comes to `o` without that lock). So `o`'s record names every
 /// key of `o` until `o` dies, and `o`'s death removes them all. It may also name keys that
 /// left `o` (unregistered, or registered by another owner): `o`'s death skips them, and
-/// [`Keys::add_owned`] keeps their number bounded. (An owner already dead when it
+/// [`OwnerKeys`] keeps their number bounded. (An owner already dead when it
 /// registers gets no record: its entries are kept as dead and leave through
 /// [`Registry::remove_dead`] or [`Registry::remove_if_dead`].) Every change to the fingerprint index
 /// is made while the entry's shard in `entries` is write-locked, so the index names key `k`
 /// under `f` exactly when `k`'s entry has `f`.
 pub struct Registry<K, O> {
     entries: Map<K, WorkerEntry<O>>,
-    owners: Map<O, Keys<K>>,
+    owners: Map<O, OwnerKeys<K>>,
     fingerprints: Map<Arc<str>, Keys<K>>,
 }
 
@@ -259,7 +306,7 @@ where
         let replaced = match self.owners.entry(owner) {
             Entry::Occupied(mut keys) => {
                 entry.alive = true;
-                keys.get_mut().add_owned(key.clone(), |k| {
+                keys.get_mut().add(key.clone(), |k| {
                     self.entries.get(k).is_some_and(|e| e.owner == owner)
                 });
                 self.put(key.clone(), entry)
@@ -269,7 +316,7 @@ where
                 if entry.alive {
                     // The new record stays locked until the entry is in: an owner that
                     // dies meanwhile is detached only after, and its entry leaves with it.
-                    let _record = slot.insert(Keys::One(key.clone()));
+                    let _record = slot.insert(OwnerKeys::One(key.clone()));
                     #[cfg(test)]
                     test_hook("new record");
                     self.put(key.clone(), entry)
@@ -279,7 +326,7 @@ where
                 }
             }
         };
-        // The key stays in the old owner's record, if it had one (see `add_owned`).
+        // The key stays in the old owner's record, if it had one (see `OwnerKeys`).
         let old = replaced?;
         let left = old
             .python
@@ -362,7 +409,7 @@ where
     }
 
     /// Removes `key`; returns the registry's own key and the entry that were there. The
-    /// key stays in its owner's record (see [`Keys::add_owned`]).
+    /// key stays in its owner's record (see [`OwnerKeys`]).
     pub fn remove<Q>(&self, key: &Q) -> Option<(K, WorkerEntry<O>)>
     where
         K: Borrow<Q>,
@@ -614,6 +661,17 @@ mod tests {
         }
     }
 
+    /// `owner` dies: exactly the entries that are its own leave.
+    fn assert_death_takes_exactly_its_entries(reg: &Reg, owner: u32) {
+        let keys = |entries: Vec<(String, WorkerEntry<u32>)>| {
+            let mut keys: Vec<String> = entries.into_iter().map(|(k, _)| k).collect();
+            keys.sort();
+            keys
+        };
+        let expected = keys(reg.select(|e| e.owner == owner));
+        assert_eq!(keys(reg.owner_down(&owner)), expected, "owner {owner}");
+    }
+
     #[test]
     fn records_stay_small() {
         // What the memory row of the benchmark counts on: an optional identity costs no
@@ -621,6 +679,7 @@ mod tests {
         assert_eq!(size_of::<Option<ProcessIdentity>>(), 16);
         assert_eq!(size_of::<Keys<Arc<[u8]>>>(), 16);
         assert_eq!(size_of::<Keys<crate::KeyBytes>>(), 24);
+        assert_eq!(size_of::<OwnerKeys<crate::KeyBytes>>(), 24);
     }
 
     #[test]
@@ -867,6 +926,64 @@ mod tests {
     }
 
     #[test]
+    fn a_registration_checks_a_bounded_number_of_an_owners_keys() {
+        let mut record = OwnerKeys::One("k0".to_string());
+        for i in 1..10_000 {
+            record.add(format!("k{i}"), |_| true);
+        }
+        assert_eq!(record.len(), 10_000);
+        let checks = AtomicU32::new(0);
+        record.add("new".into(), |_| {
+            checks.fetch_add(1, Ordering::SeqCst);
+            false
+        });
+        assert!(checks.load(Ordering::SeqCst) as usize <= SWEEP_PER_ADD);
+        assert_eq!(
+            record.len(),
+            10_001 - SWEEP_PER_ADD,
+            "the keys found gone went"
+        );
+        // A key that comes and goes again and again is held once.
+        for _ in 0..100 {
+            record.add("new".into(), |k| k != "new");
+        }
+        assert_eq!(record.to_vec().iter().filter(|k| *k == "new").count(), 1);
+    }
+
+    #[test]
+    fn owners_sharing_keys_across_threads_keep_complete_records() {
+        // Threads move the same ten keys among the same six owners and unregister them, so
+        // sweeps race registrations of the keys they check.
+        let reg = Arc::new(Reg::new());
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let reg = Arc::clone(&reg);
+                std::thread::spawn(move || {
+                    let mut x = 0x9e37_79b9u32.wrapping_mul(t + 1);
+                    for _ in 0..20_000 {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        let key = format!("k{}", x % 10);
+                        if x % 5 == 0 {
+                            reg.unregister(key.as_str());
+                        } else {
+                            reg.register(key, entry((x >> 8) % 6, None), |_| true);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for owner in 0..6 {
+            assert_death_takes_exactly_its_entries(&reg, owner);
+        }
+        assert!(reg.is_empty(), "left: {:?}", reg.entries());
+    }
+
+    #[test]
     fn an_owner_that_dies_while_its_first_entry_goes_in_takes_it_along() {
         // Owner 1's record is made; before its entry is put, owner 1 dies on another thread
         // (its `down`). The death must wait for the entry and remove it, or the entry would
@@ -936,17 +1053,7 @@ mod tests {
         // Each owner's record names all its keys, whatever left it: its death takes exactly
         // its entries, and the deaths leave nothing.
         for owner in watched {
-            let mut expected: Vec<String> = reg
-                .entries()
-                .into_iter()
-                .filter(|(_, e)| e.owner == owner)
-                .map(|(k, _)| k)
-                .collect();
-            let mut gone: Vec<String> =
-                reg.owner_down(&owner).into_iter().map(|(k, _)| k).collect();
-            expected.sort();
-            gone.sort();
-            assert_eq!(gone, expected, "owner {owner}");
+            assert_death_takes_exactly_its_entries(&reg, owner);
         }
         assert!(reg.is_empty());
     }

@@ -129,13 +129,16 @@ fn notify_released(sender: Sender, guarded: bool, released: Vec<(ProcessIdentity
     }
 }
 
-/// Worker ids are arbitrary terms, kept as their external term format so they can be
-/// hashed and compared without an env; shared between the entry and its owner's record.
+/// Worker ids are arbitrary terms, kept as bytes (see [`with_key`]) so they can be hashed
+/// and compared without an env: inline when short, else one copy shared by the entry and
+/// its index records.
 type WorkerKey = KeyBytes;
 
-/// An owner with more entries than this is removed off the schedulers (see `down`):
-/// removing one entry and naming it in the guardian's notice takes about a microsecond,
-/// so this bounds what a `down` callback does on a normal scheduler to about a millisecond.
+/// An owner whose record holds more keys than this is removed off the schedulers (see
+/// `down`): removing one entry and naming it in the guardian's notice takes about a
+/// microsecond, so this bounds what a `down` callback does on a normal scheduler to about
+/// a millisecond. (A record may also hold keys that left the owner, which cost a lookup
+/// each: at most about as many again.)
 const INLINE_REMOVAL: usize = 1_000;
 
 pub struct RegistryResource {
