@@ -7,7 +7,9 @@
 //! ids inline) against `Arc<[u8]>` (the key behind a pointer, as before), so the two rows
 //! compare the same work on the same machine at the same time.
 
-use dspex_process::{KeyBytes, Pid, ProcessIdentity, Registry, WorkerEntry};
+mod common;
+
+use dspex_process::{KeyBytes, Registry};
 use std::borrow::Borrow;
 use std::hash::Hash;
 use std::sync::Arc;
@@ -31,18 +33,7 @@ where
     for _ in 0..ROUNDS {
         let registry: Registry<K, u64> = Registry::new();
         for (i, key) in keys.iter().enumerate() {
-            let entry = WorkerEntry {
-                owner: 0x1000 + i as u64,
-                python: Some(ProcessIdentity {
-                    pid: Pid::new(4_000_000).expect("a valid pid"),
-                    start_time: 1,
-                }),
-                fingerprint: registry.intern(&fingerprints[i]),
-                registered_at: 1_795_690_000,
-                alive: false,
-                port_child: false,
-            };
-            registry.register(key.clone(), entry, |_| true);
+            common::register_worker(&registry, key.clone(), i, &fingerprints[i]);
         }
         // What a VM does between two registry calls leaves little of the table in cache.
         let evict = vec![1u8; 16 << 20];

@@ -10,7 +10,9 @@
 //! size plus its 8-byte header). The VM's own monitor record per owner is measured by the
 //! benchmark itself.
 
-use dspex_process::{KeyBytes, Pid, ProcessIdentity, Registry, WorkerEntry};
+mod common;
+
+use dspex_process::{KeyBytes, Registry};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
@@ -69,18 +71,7 @@ fn main() {
     );
     let registry: Registry<KeyBytes, u64> = Registry::new();
     for i in 0..n {
-        let entry = WorkerEntry {
-            owner: 0x1000 + i as u64,
-            python: Some(ProcessIdentity {
-                pid: Pid::new(4_000_000).expect("a valid pid"),
-                start_time: 123_456,
-            }),
-            fingerprint: registry.intern(&fingerprints[i]),
-            registered_at: 1_795_690_000,
-            alive: false,
-            port_child: false,
-        };
-        registry.register(key(&ids[i]), entry, |_| true);
+        common::register_worker(&registry, key(&ids[i]), i, &fingerprints[i]);
     }
     let requested = REQUESTED.load(Ordering::SeqCst) - before.0;
     let footprint = FOOTPRINT.load(Ordering::SeqCst) - before.1;
