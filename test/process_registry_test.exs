@@ -52,11 +52,13 @@ defmodule DSPexProcess.ProcessRegistryTest do
 
     test "worker ids may be any term; re-registering replaces", %{reg: reg} do
       {port, os_pid} = start_python()
-      # Binary ids around the inline limit (21 bytes, 22 with the tag byte) and past the NIF's
-      # 128-byte stack buffer; a bitstring; binaries that look like another id's encoding.
+      # Binary ids around the inline limit (21 bytes, 22 with the tag byte) and around and
+      # past the NIF's 128-byte stack buffer; a bitstring; binaries that look like another
+      # id's encoding.
       ids =
         ["s", :a, 42, {:pool, 1}, %{k: [1, 2]}, 1.5, <<0, 255>>] ++
-          ["", String.duplicate("x", 21), String.duplicate("x", 22), String.duplicate("y", 200)] ++
+          ["", String.duplicate("x", 21), String.duplicate("x", 22)] ++
+          [String.duplicate("y", 127), String.duplicate("y", 128), String.duplicate("z", 200)] ++
           [<<1::3>>, :erlang.term_to_binary(:a), <<0, ?s>>, <<131>>]
 
       for id <- ids, do: assert(:ok = ProcessRegistry.register_worker(id, self(), nil, "x", reg))

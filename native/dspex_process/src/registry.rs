@@ -102,13 +102,16 @@ impl<K: Eq + Hash + Clone> Keys<K> {
 
 /// An owner's record: every key whose entry is the owner's, and maybe some that left it.
 /// Unregistering does not touch the record (one lock instead of three); registering for
-/// the owner drops keys that left, a bounded number per call, so that no call does work in
-/// proportion to the owner's keys (it runs on a VM scheduler):
+/// the owner drops keys that left, checking a fixed number of keys per call, so that the
+/// sweep never does work in proportion to the owner's keys (it runs on a VM scheduler;
+/// the set's own growth still copies it now and then, amortized as for any table):
 /// - a lone key that left is replaced by the new one;
-/// - a set of keys is swept two positions per registration, round robin (an `IndexSet`:
-///   positions, and no key twice). A sweep visits every position within half as many
-///   registrations as the set is large, so the set stays within about twice the most keys
-///   the owner had at once.
+/// - a set of keys is swept [`SWEEP_PER_ADD`] positions per registration, round robin (an
+///   `IndexSet`: positions, and no key twice). A pass over a set of S keys takes at most
+///   S / 3 registrations (each adds at most one key behind the sweep), and what it leaves
+///   is the keys found live plus those added meanwhile: the set stays within about 1.5
+///   times the most keys the owner had at once (with two checks per registration it did
+///   not: a worker replaced before the old one is unregistered made it grow without end).
 ///
 /// An owner that registers nothing more keeps what it has until it dies: its death skips
 /// the keys that left it.
@@ -125,8 +128,8 @@ struct SweptKeys<K> {
     sweep: usize,
 }
 
-/// Positions of an owner's list checked per registration (see [`OwnerKeys`]).
-const SWEEP_PER_ADD: usize = 2;
+/// Positions of an owner's set checked per registration (see [`OwnerKeys`]).
+const SWEEP_PER_ADD: usize = 4;
 
 impl<K: Eq + Hash + Clone> OwnerKeys<K> {
     /// Adds `key` for a registration by the owner, called under the owner's lock before
@@ -908,11 +911,7 @@ mod tests {
             } else {
                 assert!(reg.unregister(format!("churn{i}").as_str()).is_some());
             }
-            assert!(
-                reg.recorded_by(&2) <= 2 * 101 + 1,
-                "{}",
-                reg.recorded_by(&2)
-            );
+            assert!(reg.recorded_by(&2) <= 160, "{}", reg.recorded_by(&2));
         }
         assert_eq!(reg.owned_by(&2), 100);
         let gone = reg.owner_down(&2);
@@ -943,11 +942,6 @@ mod tests {
             10_001 - SWEEP_PER_ADD,
             "the keys found gone went"
         );
-        // A key that comes and goes again and again is held once.
-        for _ in 0..100 {
-            record.add("new".into(), |k| k != "new");
-        }
-        assert_eq!(record.to_vec().iter().filter(|k| *k == "new").count(), 1);
     }
 
     #[test]
@@ -981,6 +975,34 @@ mod tests {
             assert_death_takes_exactly_its_entries(&reg, owner);
         }
         assert!(reg.is_empty(), "left: {:?}", reg.entries());
+    }
+
+    #[test]
+    fn an_owner_replacing_its_workers_keeps_a_bounded_record() {
+        // A pool that starts each replacement before it unregisters the worker it replaces,
+        // oldest first, 100,000 times over 100 workers (with two checks per registration,
+        // this record grew past 600 keys).
+        let reg = Reg::new();
+        let mut workers: std::collections::VecDeque<String> =
+            (0..100).map(|i| format!("w{i}")).collect();
+        for key in &workers {
+            reg.register(key.clone(), entry(1, None), |_| true);
+        }
+        for i in 100..100_100 {
+            let key = format!("w{i}");
+            reg.register(key.clone(), entry(1, None), |_| true);
+            workers.push_back(key);
+            let old = workers.pop_front().unwrap();
+            assert!(reg.unregister(old.as_str()).is_some());
+            assert!(
+                reg.recorded_by(&1) <= 160,
+                "{} keys at {i}",
+                reg.recorded_by(&1)
+            );
+        }
+        assert_eq!(reg.owned_by(&1), 100);
+        assert_eq!(reg.owner_down(&1).len(), 100);
+        assert!(reg.is_empty());
     }
 
     #[test]

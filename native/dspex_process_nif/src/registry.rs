@@ -137,8 +137,8 @@ type WorkerKey = KeyBytes;
 /// An owner whose record holds more keys than this is removed off the schedulers (see
 /// `down`): removing one entry and naming it in the guardian's notice takes about a
 /// microsecond, so this bounds what a `down` callback does on a normal scheduler to about
-/// a millisecond. (A record may also hold keys that left the owner, which cost a lookup
-/// each: at most about as many again.)
+/// a millisecond. (The count includes keys that left the owner, each a lookup that finds
+/// nothing to remove, so the bound holds.)
 const INLINE_REMOVAL: usize = 1_000;
 
 pub struct RegistryResource {

@@ -1,14 +1,13 @@
 //! What the registry examples share: workers registered as the NIF registers DSPex's.
 
 use dspex_process::{Pid, ProcessIdentity, Registry, WorkerEntry};
-use std::borrow::Borrow;
 use std::hash::Hash;
 
 /// Registers worker `i` under `key` for owner handle `0x1000 + i` (one owner per worker, as
 /// in DSPex's pool), with a real-looking OS process and `fingerprint`.
 pub fn register_worker<K>(registry: &Registry<K, u64>, key: K, i: usize, fingerprint: &str)
 where
-    K: Clone + Eq + Hash + Borrow<[u8]>,
+    K: Clone + Eq + Hash,
 {
     let entry = WorkerEntry {
         owner: 0x1000 + i as u64,
