@@ -27,6 +27,7 @@ mod proc_facts;
 mod proptests;
 mod registry;
 pub mod scan;
+mod split_set;
 mod sys;
 pub mod terminate;
 #[cfg(test)]

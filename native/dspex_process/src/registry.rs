@@ -1,9 +1,8 @@
 use crate::identity::ProcessIdentity;
+use crate::split_set::{SplitSet, SweepCursor};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use indexmap::IndexSet;
 use std::borrow::Borrow;
-use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::Arc;
 
@@ -56,20 +55,15 @@ pub struct RegistryStats {
 #[derive(Debug)]
 enum Keys<K> {
     One(K),
-    // Boxed so that the common `One` record stays small, not the 56 bytes of an inline set.
-    #[allow(clippy::box_collection)]
-    Many(Box<HashSet<K, foldhash::fast::RandomState>>),
+    // Boxed so that the common `One` record stays small.
+    Many(Box<SplitSet<K>>),
 }
 
 impl<K: Eq + Hash + Clone> Keys<K> {
     fn add(&mut self, key: K) {
         match self {
             Keys::One(k) if *k == key => {}
-            Keys::One(k) => {
-                let mut keys = HashSet::with_hasher(foldhash::fast::RandomState::default());
-                keys.extend([k.clone(), key]);
-                *self = Keys::Many(Box::new(keys));
-            }
+            Keys::One(k) => *self = Keys::Many(Box::new([k.clone(), key].into_iter().collect())),
             Keys::Many(keys) => {
                 keys.insert(key);
             }
@@ -123,9 +117,9 @@ enum OwnerKeys<K> {
 
 #[derive(Debug)]
 struct SweptKeys<K> {
-    keys: IndexSet<K, foldhash::fast::RandomState>,
-    /// The next position the sweep checks.
-    sweep: usize,
+    keys: SplitSet<K>,
+    /// Where the sweep resumes.
+    sweep: SweepCursor,
 }
 
 /// Positions of an owner's set checked per registration (see [`OwnerKeys`]).
@@ -139,14 +133,15 @@ impl<K: Eq + Hash + Clone> OwnerKeys<K> {
             OwnerKeys::One(k) if *k == key => {}
             OwnerKeys::One(k) if !still_owned(k) => *self = OwnerKeys::One(key),
             OwnerKeys::One(k) => {
-                let mut keys = IndexSet::with_hasher(foldhash::fast::RandomState::default());
-                keys.extend([k.clone(), key]);
-                *self = OwnerKeys::Many(Box::new(SweptKeys { keys, sweep: 0 }));
+                *self = OwnerKeys::Many(Box::new(SweptKeys {
+                    keys: [k.clone(), key].into_iter().collect(),
+                    sweep: SweepCursor::default(),
+                }));
             }
             OwnerKeys::Many(set) => {
                 // Before the insert: `key`'s entry is not in yet, and the sweep would take
                 // it for one that left (a copy of it already there may go: it comes back).
-                set.sweep_some(still_owned);
+                set.keys.sweep(&mut set.sweep, SWEEP_PER_ADD, still_owned);
                 set.keys.insert(key);
             }
         }
@@ -169,26 +164,7 @@ impl<K: Eq + Hash + Clone> OwnerKeys<K> {
     fn into_vec(self) -> Vec<K> {
         match self {
             OwnerKeys::One(k) => vec![k],
-            OwnerKeys::Many(set) => set.keys.into_iter().collect(),
-        }
-    }
-}
-
-impl<K> SweptKeys<K> {
-    /// Checks the next [`SWEEP_PER_ADD`] positions, dropping the keys that left.
-    fn sweep_some(&mut self, still_owned: impl Fn(&K) -> bool) {
-        for _ in 0..SWEEP_PER_ADD {
-            if self.sweep >= self.keys.len() {
-                self.sweep = 0;
-            }
-            match self.keys.get_index(self.sweep) {
-                // The last key moves into this position, and is checked next.
-                Some(key) if !still_owned(key) => {
-                    self.keys.swap_remove_index(self.sweep);
-                }
-                Some(_) => self.sweep += 1,
-                None => return,
-            }
+            OwnerKeys::Many(set) => set.keys.into_keys().collect(),
         }
     }
 }

@@ -1,0 +1,256 @@
+//! [`SplitSet`]: a set of registry keys whose growth never rehashes more than a part of it.
+
+use indexmap::IndexSet;
+use std::borrow::Borrow;
+use std::hash::{BuildHasher, Hash};
+
+type Part<K> = IndexSet<K, foldhash::fast::RandomState>;
+
+/// Keys past which a set is split into parts.
+const SPLIT_AT: usize = 1_024;
+/// Parts of a split set: a key's part is the top byte of its hash.
+const PARTS: usize = 256;
+
+/// A set of keys, with positions for a sweep, that grows without long pauses. A hash set
+/// rehashes all its keys when it outgrows its table: at 229,376 keys, one registration
+/// held a VM scheduler for 14–18 ms per set (one owner or one fingerprint with that many
+/// workers; the benchmark's row "one owner registers 300k workers" saw 30.74 ms).
+/// Up to [`SPLIT_AT`] keys this is one `IndexSet`; past that, the keys are moved once
+/// into [`PARTS`] of them (a bounded move), each of which then grows on its own, so a
+/// growth rehashes about a 256th of the set.
+#[derive(Debug)]
+pub(crate) struct SplitSet<K> {
+    parts: Vec<Part<K>>,
+    len: usize,
+    split_at: usize,
+    /// Chooses a key's part, with a seed of its own (not a part's, whose buckets would then
+    /// all share the bits that chose the part).
+    chooser: foldhash::fast::RandomState,
+}
+
+/// Where a sweep of a [`SplitSet`] resumes: a part and a position in it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SweepCursor {
+    part: usize,
+    position: usize,
+}
+
+impl<K: Eq + Hash> SplitSet<K> {
+    pub(crate) fn new() -> Self {
+        Self::with_split_at(SPLIT_AT)
+    }
+
+    /// A set that splits past `split_at` keys (tests use small ones).
+    pub(crate) fn with_split_at(split_at: usize) -> Self {
+        SplitSet {
+            parts: vec![Part::default()],
+            len: 0,
+            split_at,
+            chooser: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    fn part_of<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
+        if self.parts.len() == 1 {
+            0
+        } else {
+            (self.chooser.hash_one(key) >> 56) as usize
+        }
+    }
+
+    /// Adds `key`; returns whether it was not there.
+    pub(crate) fn insert(&mut self, key: K) -> bool {
+        if self.parts.len() == 1 && self.len >= self.split_at {
+            self.split();
+        }
+        let part = self.part_of(&key);
+        let added = self.parts[part].insert(key);
+        self.len += usize::from(added);
+        added
+    }
+
+    fn split(&mut self) {
+        let whole = std::mem::take(&mut self.parts[0]);
+        self.parts = (0..PARTS).map(|_| Part::default()).collect();
+        for key in whole {
+            let part = self.part_of(&key);
+            self.parts[part].insert(key);
+        }
+    }
+
+    /// Removes `key`; returns whether it was there.
+    pub(crate) fn remove<Q>(&mut self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let part = self.part_of(key);
+        let removed = self.parts[part].swap_remove(key);
+        self.len -= usize::from(removed);
+        removed
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &K> {
+        self.parts.iter().flatten()
+    }
+
+    pub(crate) fn into_keys(self) -> impl Iterator<Item = K> {
+        self.parts.into_iter().flatten()
+    }
+
+    /// Checks the next `checks` keys from `cursor`, round robin, and drops those `keep`
+    /// refuses. Empty parts are skipped without counting, so a call costs at most `checks`
+    /// calls of `keep` plus one pass over the parts.
+    pub(crate) fn sweep(
+        &mut self,
+        cursor: &mut SweepCursor,
+        checks: usize,
+        keep: impl Fn(&K) -> bool,
+    ) {
+        for _ in 0..checks {
+            if self.is_empty() {
+                return;
+            }
+            // The next position that holds a key (there is one: the set is not empty).
+            loop {
+                if cursor.part >= self.parts.len() {
+                    *cursor = SweepCursor::default();
+                }
+                if cursor.position < self.parts[cursor.part].len() {
+                    break;
+                }
+                cursor.part += 1;
+                cursor.position = 0;
+            }
+            let part = &mut self.parts[cursor.part];
+            match part.get_index(cursor.position) {
+                // The part's last key moves into this position, and is checked next.
+                Some(key) if !keep(key) => {
+                    part.swap_remove_index(cursor.position);
+                    self.len -= 1;
+                }
+                _ => cursor.position += 1,
+            }
+        }
+    }
+
+    /// The size of the largest part (what one growth may rehash).
+    #[cfg(test)]
+    pub(crate) fn largest_part(&self) -> usize {
+        self.parts.iter().map(|p| p.len()).max().unwrap_or(0)
+    }
+}
+
+impl<K: Eq + Hash> FromIterator<K> for SplitSet<K> {
+    fn from_iter<I: IntoIterator<Item = K>>(keys: I) -> Self {
+        let mut set = SplitSet::new();
+        for key in keys {
+            set.insert(key);
+        }
+        set
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u16),
+        Remove(u16),
+        Sweep(u8, u16),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => any::<u16>().prop_map(|k| Op::Insert(k % 600)),
+            2 => any::<u16>().prop_map(|k| Op::Remove(k % 600)),
+            1 => (0u8..8, any::<u16>()).prop_map(|(n, m)| Op::Sweep(n, m % 7 + 1)),
+        ]
+    }
+
+    proptest! {
+        /// Against a plain set, across the split (at 64 keys here): the same keys, and a
+        /// sweep drops exactly the keys it refuses among those it checks.
+        #[test]
+        fn answers_as_a_plain_set(ops in proptest::collection::vec(op(), 1..400)) {
+            let mut set = SplitSet::with_split_at(64);
+            let mut model = HashSet::new();
+            let mut cursor = SweepCursor::default();
+            for op in ops {
+                match op {
+                    Op::Insert(k) => prop_assert_eq!(set.insert(k), model.insert(k)),
+                    Op::Remove(k) => prop_assert_eq!(set.remove(&k), model.remove(&k)),
+                    Op::Sweep(checks, m) => {
+                        let checked = std::cell::Cell::new(0);
+                        let keep = |k: &u16| {
+                            checked.set(checked.get() + 1);
+                            k % m != 0
+                        };
+                        set.sweep(&mut cursor, usize::from(checks), keep);
+                        prop_assert!(checked.get() <= usize::from(checks));
+                        let kept: HashSet<u16> = set.iter().copied().collect();
+                        let dropped: Vec<u16> = model.difference(&kept).copied().collect();
+                        prop_assert!(dropped.iter().all(|k| k % m == 0), "{:?}", dropped);
+                        prop_assert!(dropped.len() <= usize::from(checks));
+                        model = kept;
+                    }
+                }
+                prop_assert_eq!(set.len(), model.len());
+                prop_assert_eq!(set.iter().count(), model.len());
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_set_grows_a_part_at_a_time() {
+        let set: SplitSet<u64> = (0..300_000).collect();
+        assert_eq!(set.len(), 300_000);
+        // 300,000 keys over 256 parts: about 1,172 each.
+        assert!(set.largest_part() < 1_600, "{}", set.largest_part());
+        let mut set = set;
+        assert!(set.remove(&7));
+        assert!(!set.remove(&7));
+        assert_eq!(set.into_keys().count(), 299_999);
+    }
+
+    #[test]
+    fn a_sweep_visits_every_key_in_turn() {
+        let mut set: SplitSet<u32> = SplitSet::with_split_at(16);
+        for k in 0..1_000 {
+            set.insert(k);
+        }
+        let mut cursor = SweepCursor::default();
+        // Dropping everything, four checks at a time, empties it in 250 calls.
+        for _ in 0..250 {
+            set.sweep(&mut cursor, 4, |_| false);
+        }
+        assert!(set.is_empty());
+        set.sweep(&mut cursor, 4, |_| false);
+        // Keeping everything, a full round of checks comes back to the first key.
+        for k in 0..100 {
+            set.insert(k);
+        }
+        let seen = std::cell::RefCell::new(Vec::new());
+        for _ in 0..50 {
+            set.sweep(&mut cursor, 4, |k| {
+                seen.borrow_mut().push(*k);
+                true
+            });
+        }
+        let seen = seen.into_inner();
+        let distinct: HashSet<u32> = seen.iter().copied().collect();
+        assert_eq!(distinct.len(), 100, "every key checked within a round");
+    }
+}
