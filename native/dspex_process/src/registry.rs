@@ -206,8 +206,12 @@ fn test_hook(point: &'static str) {
 }
 
 /// Shards of each map: a listing holds one shard's read lock at a time, so with many
-/// shards a writer waits at most for a small fraction of a large listing.
-const SHARDS: usize = 64;
+/// shards a writer waits at most for a small fraction of a large listing; and a table
+/// grows a shard at a time, rehashing a 256th of its entries in the registration that
+/// fills it (at 1M entries, 64 shards made 60–260 registrations take over 1 ms, up to
+/// 7 ms; 256 shards, 0–21 up to 2–5 ms: `examples/registry_growth.rs`), for about 5 B
+/// per entry of emptier tables.
+const SHARDS: usize = 256;
 
 /// A concurrent worker registry.
 ///

@@ -1,0 +1,54 @@
+//! The slowest single registration while a registry grows:
+//! `cargo run --release --example registry_growth -p dspex_process -- [N]` (N = 1,000,000).
+//!
+//! A registration runs on a VM scheduler, so no one call may take long; what can is a table
+//! outgrowing its allocation, which rehashes what it holds. Three ways to grow to N
+//! workers: one owner for all of them (its record grows), one fingerprint for all (its
+//! index record grows), and one owner and one fingerprint each (only the sharded maps
+//! grow). Prints the slowest call and how many took over 1 and 2 ms.
+
+use dspex_process::{KeyBytes, Registry, WorkerEntry};
+use std::time::Instant;
+
+fn grow(name: &str, n: usize, one_owner: bool, one_fingerprint: bool) {
+    let registry: Registry<KeyBytes, u64> = Registry::new();
+    let (mut worst, mut over_1ms, mut over_2ms) = (0u128, 0, 0);
+    for i in 0..n {
+        let key = KeyBytes::new(format!("\0worker_{i}").as_bytes());
+        let fingerprint = if one_fingerprint {
+            registry.intern("dspex_pool")
+        } else {
+            registry.intern(&format!("dspex_worker_{i}_1795690000000000000"))
+        };
+        let entry = WorkerEntry {
+            owner: if one_owner { 1 } else { i as u64 },
+            python: None,
+            fingerprint,
+            registered_at: 1_795_690_000,
+            alive: false,
+            port_child: false,
+        };
+        let started = Instant::now();
+        registry.register(key, entry, |_| true);
+        let ns = started.elapsed().as_nanos();
+        worst = worst.max(ns);
+        over_1ms += usize::from(ns > 1_000_000);
+        over_2ms += usize::from(ns > 2_000_000);
+    }
+    println!(
+        "| {name} | {:.2} | {over_1ms} | {over_2ms} |",
+        worst as f64 / 1e6
+    );
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    println!("| {n} registrations | slowest call (ms) | over 1 ms | over 2 ms |");
+    println!("|---|---|---|---|");
+    grow("one owner", n, true, false);
+    grow("one fingerprint", n, false, true);
+    grow("one owner and one fingerprint each", n, false, false);
+}
