@@ -97,11 +97,11 @@ impl<K: Eq + Hash + Clone> Keys<K> {
 /// An owner's record: every key whose entry is the owner's, and maybe some that left it.
 /// Unregistering does not touch the record (one lock instead of three); registering for
 /// the owner drops keys that left, checking a fixed number of keys per call, so that the
-/// sweep never does work in proportion to the owner's keys (it runs on a VM scheduler;
-/// the set's own growth still copies it now and then, amortized as for any table):
+/// sweep never does work in proportion to the owner's keys (it runs on a VM scheduler; the
+/// set itself grows a part at a time, see [`SplitSet`]):
 /// - a lone key that left is replaced by the new one;
-/// - a set of keys is swept [`SWEEP_PER_ADD`] positions per registration, round robin (an
-///   `IndexSet`: positions, and no key twice). A pass over a set of S keys takes at most
+/// - a set of keys is swept [`SWEEP_PER_ADD`] positions per registration, round robin (a
+///   [`SplitSet`]: positions, and no key twice). A pass over a set of S keys takes at most
 ///   S / 3 registrations (each adds at most one key behind the sweep), and what it leaves
 ///   is the keys found live plus those added meanwhile: the set stays within about 1.5
 ///   times the most keys the owner had at once (with two checks per registration it did
@@ -983,6 +983,30 @@ mod tests {
         assert_eq!(reg.owned_by(&1), 100);
         assert_eq!(reg.owner_down(&1).len(), 100);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn an_owner_of_thousands_replacing_its_workers_keeps_a_bounded_record() {
+        // As above, past the 1,024 keys at which the record is split in parts: 2,000
+        // workers, 20,000 replacements.
+        let reg = Reg::new();
+        let mut workers: std::collections::VecDeque<String> =
+            (0..2_000).map(|i| format!("w{i}")).collect();
+        for key in &workers {
+            reg.register(key.clone(), entry(1, None), |_| true);
+        }
+        let mut most = 0;
+        for i in 2_000..22_000 {
+            let key = format!("w{i}");
+            reg.register(key.clone(), entry(1, None), |_| true);
+            workers.push_back(key);
+            let old = workers.pop_front().unwrap();
+            assert!(reg.unregister(old.as_str()).is_some());
+            most = most.max(reg.recorded_by(&1));
+        }
+        assert!(most <= 3_200, "{most} keys for 2,000 workers");
+        assert_eq!(reg.owned_by(&1), 2_000);
+        assert_eq!(reg.owner_down(&1).len(), 2_000);
     }
 
     #[test]
