@@ -957,46 +957,18 @@ mod tests {
         assert!(reg.is_empty(), "left: {:?}", reg.entries());
     }
 
-    #[test]
-    fn an_owner_replacing_its_workers_keeps_a_bounded_record() {
-        // A pool that starts each replacement before it unregisters the worker it replaces,
-        // oldest first, 100,000 times over 100 workers (with two checks per registration,
-        // this record grew past 600 keys).
+    /// A pool of `live` workers under owner 1 that starts each replacement before it
+    /// unregisters the worker it replaces, oldest first, `replacements` times. Returns the
+    /// most keys the owner's record held; the owner's death then takes exactly the live.
+    fn replace_workers(live: usize, replacements: usize) -> usize {
         let reg = Reg::new();
         let mut workers: std::collections::VecDeque<String> =
-            (0..100).map(|i| format!("w{i}")).collect();
-        for key in &workers {
-            reg.register(key.clone(), entry(1, None), |_| true);
-        }
-        for i in 100..100_100 {
-            let key = format!("w{i}");
-            reg.register(key.clone(), entry(1, None), |_| true);
-            workers.push_back(key);
-            let old = workers.pop_front().unwrap();
-            assert!(reg.unregister(old.as_str()).is_some());
-            assert!(
-                reg.recorded_by(&1) <= 160,
-                "{} keys at {i}",
-                reg.recorded_by(&1)
-            );
-        }
-        assert_eq!(reg.owned_by(&1), 100);
-        assert_eq!(reg.owner_down(&1).len(), 100);
-        assert!(reg.is_empty());
-    }
-
-    #[test]
-    fn an_owner_of_thousands_replacing_its_workers_keeps_a_bounded_record() {
-        // As above, past the 1,024 keys at which the record is split in parts: 2,000
-        // workers, 20,000 replacements.
-        let reg = Reg::new();
-        let mut workers: std::collections::VecDeque<String> =
-            (0..2_000).map(|i| format!("w{i}")).collect();
+            (0..live).map(|i| format!("w{i}")).collect();
         for key in &workers {
             reg.register(key.clone(), entry(1, None), |_| true);
         }
         let mut most = 0;
-        for i in 2_000..22_000 {
+        for i in live..live + replacements {
             let key = format!("w{i}");
             reg.register(key.clone(), entry(1, None), |_| true);
             workers.push_back(key);
@@ -1004,9 +976,25 @@ mod tests {
             assert!(reg.unregister(old.as_str()).is_some());
             most = most.max(reg.recorded_by(&1));
         }
+        assert_eq!(reg.owned_by(&1), live);
+        assert_eq!(reg.owner_down(&1).len(), live);
+        assert!(reg.is_empty());
+        most
+    }
+
+    #[test]
+    fn an_owner_replacing_its_workers_keeps_a_bounded_record() {
+        // 100,000 replacements over 100 workers (with two checks per registration, this
+        // record grew past 600 keys).
+        let most = replace_workers(100, 100_000);
+        assert!(most <= 160, "{most} keys for 100 workers");
+    }
+
+    #[test]
+    fn an_owner_of_thousands_replacing_its_workers_keeps_a_bounded_record() {
+        // Past the 1,024 keys at which the record is split in parts.
+        let most = replace_workers(2_000, 20_000);
         assert!(most <= 3_200, "{most} keys for 2,000 workers");
-        assert_eq!(reg.owned_by(&1), 2_000);
-        assert_eq!(reg.owner_down(&1).len(), 2_000);
     }
 
     #[test]
