@@ -296,17 +296,15 @@ where
             }
             Entry::Vacant(slot) => {
                 entry.alive = monitor(&owner);
-                if entry.alive {
-                    // The new record stays locked until the entry is in: an owner that
-                    // dies meanwhile is detached only after, and its entry leaves with it.
-                    let _record = slot.insert(OwnerKeys::One(key.clone()));
-                    #[cfg(test)]
-                    test_hook("new record");
-                    self.put(key.clone(), entry)
-                } else {
-                    drop(slot);
-                    self.put(key.clone(), entry)
-                }
+                // A live owner's new record stays locked until the entry is in: an owner
+                // that dies meanwhile is detached only after, and its entry leaves with it.
+                // A dead one gets none (its slot is released here).
+                let _record = entry
+                    .alive
+                    .then(|| slot.insert(OwnerKeys::One(key.clone())));
+                #[cfg(test)]
+                test_hook("new record");
+                self.put(key.clone(), entry)
             }
         };
         // The key stays in the old owner's record, if it had one (see `OwnerKeys`).
