@@ -114,6 +114,13 @@ defmodule Bench do
     end
   end
 
+  # Runs `fun`; the larger of `worst` and its wall time, in µs.
+  def max_us(worst, fun) do
+    t0 = :erlang.monotonic_time(:microsecond)
+    fun.()
+    max(worst, :erlang.monotonic_time(:microsecond) - t0)
+  end
+
   def ratio(base, ours) when ours > 0, do: "#{Float.round(base / ours, 1)}x"
   def ratio(_, _), do: "-"
 end
@@ -399,11 +406,12 @@ refill = fn registry, ets_table, count, owners_list ->
   |> Stream.zip(1..count)
   |> Enum.reduce(0, fn {o, i}, worst ->
     {id, fp} = {"worker_#{i}", shared_fp.(i)}
-    t0 = :erlang.monotonic_time(:microsecond)
-    :ok = ProcessRegistry.register_worker(id, o, py, fp, registry)
-    took = :erlang.monotonic_time(:microsecond) - t0
+
+    worst =
+      Bench.max_us(worst, fn -> :ok = ProcessRegistry.register_worker(id, o, py, fp, registry) end)
+
     Bench.RefRegistry.register(ets_table, id, o, py, fp)
-    max(worst, took)
+    worst
   end)
 end
 
@@ -481,9 +489,11 @@ parent = self()
       spawn(fn ->
         worst =
           Enum.reduce(1..death_n, 0, fn i, worst ->
-            t0 = :erlang.monotonic_time(:microsecond)
-            :ok = ProcessRegistry.register_worker({:d, i}, self(), nil, "fp", :bench_big)
-            max(worst, :erlang.monotonic_time(:microsecond) - t0)
+            owner = self()
+
+            Bench.max_us(worst, fn ->
+              :ok = ProcessRegistry.register_worker({:d, i}, owner, nil, "fp", :bench_big)
+            end)
           end)
 
         send(parent, {:registered, worst})
