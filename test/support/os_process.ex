@@ -25,17 +25,26 @@ defmodule DSPexProcess.Test.OSProcess do
   end
 
   @doc "Starts `python3` waiting on stdin; returns `{port, os_pid}`."
-  def start_python(extra_args \\ []), do: open_python("import sys; sys.stdin.read()", extra_args)
+  def start_python(extra_args \\ []),
+    do: open_python("import sys; sys.stdin.read()", extra_args, [:binary])
 
   @doc """
-  Starts `python3` sleeping 60 s, as DSPex's worker opens its port (plain `Port.open`); it
-  ignores stdin, so it outlives its port. Returns `{port, os_pid}`.
+  Starts `python3` sleeping 60 s, with the port options DSPex's worker uses (a plain
+  `Port.open` with `:binary`, `:exit_status`, `{:packet, 4}`); it ignores stdin, so it
+  outlives its port. Returns `{port, os_pid}`.
   """
   def start_lingering_python(extra_args \\ []),
-    do: open_python("import time; time.sleep(60)", extra_args)
+    do:
+      open_python("import time; time.sleep(60)", extra_args, [
+        :binary,
+        :exit_status,
+        {:packet, 4}
+      ])
 
-  defp open_python(code, extra_args) do
-    port = Port.open({:spawn_executable, python()}, [:binary, args: ["-c", code | extra_args]])
+  defp open_python(code, extra_args, options) do
+    port =
+      Port.open({:spawn_executable, python()}, [{:args, ["-c", code | extra_args]} | options])
+
     {:os_pid, os_pid} = Port.info(port, :os_pid)
     {port, os_pid}
   end
