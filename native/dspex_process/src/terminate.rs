@@ -258,12 +258,7 @@ impl Pinned {
         } else {
             None
         };
-        let unreadable = |e: Error| match e {
-            Error::NoSuchProcess(_) if !exists(raw, pidfd.as_ref()) => Outcome::AlreadyGone,
-            // hidepid hides a live process as ENOENT: it exists, we cannot read it.
-            Error::NoSuchProcess(_) => Outcome::Unverifiable(Errno::EACCES),
-            e => Outcome::Unverifiable(Errno::from_raw(e.errno())),
-        };
+        let unreadable = |e: Error| unreadable(raw, pidfd.as_ref(), e);
         // Read after the pidfd is open: if the start time still matches, the pidfd names it.
         let stat = Stat::read(raw).map_err(unreadable)?;
         if stat.start_time != identity.start_time || stat.has_exited() {
@@ -351,6 +346,17 @@ impl Pinned {
 }
 
 /// Whether the process behind `pid` (or the pidfd, when there is one) still exists.
+/// What a failed read of `pid`'s `/proc` files says of it: gone only when no process has
+/// the pid (or its pidfd says it exited); any other failure cannot be verified.
+fn unreadable(pid: i32, pidfd: Option<&OwnedFd>, e: Error) -> Outcome {
+    match e {
+        Error::NoSuchProcess(_) if !exists(pid, pidfd) => Outcome::AlreadyGone,
+        // hidepid hides a live process as ENOENT: it exists, we cannot read it.
+        Error::NoSuchProcess(_) => Outcome::Unverifiable(Errno::EACCES),
+        e => Outcome::Unverifiable(Errno::from_raw(e.errno())),
+    }
+}
+
 fn exists(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
     match pidfd {
         Some(fd) => !sys::poll_exited(&[fd.as_fd()], 0)[0],
@@ -764,14 +770,17 @@ enum Found {
 /// Reads `/proc/PID/stat` of a process found by pid: `Err(Found::Gone)` only when no
 /// process has the pid any more; any other failure (EACCES, EMFILE, hidepid) is unknown.
 fn read_found(raw: i32) -> Result<Stat, Found> {
-    Stat::read(raw).map_err(|e| match e {
-        Error::NoSuchProcess(_) if !sys::pid_exists(raw) => Found::Gone,
+    Stat::read(raw).map_err(|e| match unreadable(raw, None, e) {
+        Outcome::AlreadyGone => Found::Gone,
         _ => Found::Unknown,
     })
 }
 
 /// Pins the process `stat` was read from (pid `raw`); pinning reads it again after its
-/// pidfd is open, and that read is the one that counts.
+/// pidfd is open, and that read is the one that counts. When pinning finds it gone, only
+/// a process that no longer exists or has exited (a zombie) is gone: a pid held by another
+/// process now is unknown, since the group's or unit's signal could reach that one
+/// unvetted.
 fn pin_as_read(raw: i32, stat: &Stat, budget: &mut Budget) -> Found {
     let Ok(pid) = Pid::new(i64::from(raw)) else {
         return Found::Unknown;
@@ -782,7 +791,11 @@ fn pin_as_read(raw: i32, stat: &Stat, budget: &mut Budget) -> Found {
     };
     match Pinned::pin(identity, budget) {
         Ok((pinned, seen)) => Found::Pinned(pinned, seen),
-        Err(Outcome::AlreadyGone) => Found::Gone,
+        Err(Outcome::AlreadyGone) => match read_found(raw) {
+            Ok(now) if now.start_time != stat.start_time => Found::Unknown,
+            Ok(_) => Found::Gone,
+            Err(found) => found,
+        },
         Err(_) => Found::Unknown,
     }
 }
@@ -940,8 +953,14 @@ fn pin_descendants(
                 if found >= MAX_DESCENDANTS || taken.contains(&child) {
                     continue;
                 }
-                let Ok(stat) = Stat::read(child) else {
-                    continue;
+                let stat = match read_found(child) {
+                    Ok(stat) => stat,
+                    Err(Found::Gone) => continue,
+                    // Its group is unknown: no group signal for this target.
+                    Err(_) => {
+                        job.group = false;
+                        continue;
+                    }
                 };
                 if stat.ppid != parent {
                     continue;
@@ -1018,12 +1037,30 @@ mod tests {
             pin_as_read(raw, &stat, &mut budget),
             Found::Pinned(..)
         ));
-        // A start time that is not its own: pinning finds another process, so gone.
+        // Read with a start time that is not the one the pid has now: another process holds
+        // the pid, so unknown, never "gone" (a signal to its group or unit could reach it).
         let other = Stat {
             start_time: stat.start_time + 1,
             ..stat.clone()
         };
-        assert!(matches!(pin_as_read(raw, &other, &mut budget), Found::Gone));
+        assert!(matches!(
+            pin_as_read(raw, &other, &mut budget),
+            Found::Unknown
+        ));
+        // Exited but not reaped (a zombie of the process read): gone.
+        let mut zombie = Command::new("true").spawn().unwrap();
+        let zombie_raw = zombie.id() as i32;
+        let read = read_found(zombie_raw).ok().expect("its stat reads");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !Stat::read(zombie_raw).is_ok_and(|s| s.has_exited()) {
+            assert!(Instant::now() < deadline, "it never became a zombie");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(matches!(
+            pin_as_read(zombie_raw, &read, &mut budget),
+            Found::Gone
+        ));
+        zombie.wait().unwrap();
         // A pid that is never a target (init): unknown, never "gone".
         assert!(matches!(pin_as_read(1, &stat, &mut budget), Found::Unknown));
         child.kill().unwrap();
