@@ -411,12 +411,25 @@ defmodule DSPexProcess.Guardian do
 
   defp hand_off(state, ids) do
     if state.containment.mode == :cgroup do
-      for {pid, start} <- ids, not Native.cgroup_dissolve(pid, start) do
-        # Still in a leaf of this VM: ended with it (a dead VM's cgroups are emptied).
-        Logger.warning(
-          "DSPexProcess.Guardian: OS process #{pid} was handed off but its cgroup leaf " <>
-            "could not be removed; it will end with this VM"
-        )
+      for {pid, start} <- ids do
+        case Native.cgroup_dissolve(pid, start) do
+          :ok ->
+            :ok
+
+          # Still in this VM's cgroup2 leaf: ended with it (a dead VM's cgroups are emptied).
+          :leaf_left ->
+            Logger.warning(
+              "DSPexProcess.Guardian: OS process #{pid} was handed off but its cgroup leaf " <>
+                "could not be removed; it will end with this VM"
+            )
+
+          :v1_leaf_left ->
+            Logger.warning(
+              "DSPexProcess.Guardian: OS process #{pid} was handed off but its cgroup v1 " <>
+                "leaf could not be removed; it keeps that leaf's limits (it does not end " <>
+                "with this VM)"
+            )
+        end
       end
     end
 

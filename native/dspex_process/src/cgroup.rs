@@ -481,14 +481,14 @@ impl VmCgroup {
                 let _ = leaf.remove(Duration::from_millis(200));
             }
         }
-        self.as_unit().remove(Duration::from_millis(200)) || !self.dir.exists()
+        self.as_unit().remove(Duration::from_millis(200)) || self.as_unit().absent()
     }
 
     /// Moves every process of a leaf back to the VM's own cgroup and removes the leaf: a
     /// process handed off on purpose must not be ended with its former owner's cgroup.
     pub fn dissolve(&self, id: &ProcessIdentity) -> bool {
         let leaf = self.leaf(id);
-        if !leaf.dir.exists() {
+        if leaf.absent() {
             return true;
         }
         let Some(parent) = self.dir.parent() else {
@@ -579,6 +579,12 @@ impl Unit {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Whether the cgroup's directory is known not to exist: a failed look (EACCES, say)
+    /// is not "absent".
+    pub fn absent(&self) -> bool {
+        matches!(self.dir.try_exists(), Ok(false))
     }
 
     /// Removes the cgroup and the empty cgroups below it, retrying for up to `wait` while

@@ -312,7 +312,7 @@ impl V1VmCgroup {
     /// kernel finishes with its last process). True when no leaf is left.
     pub fn remove_leaf(&self, id: &ProcessIdentity, wait: Duration) -> bool {
         let leaf = self.vm.leaf(id);
-        !leaf.dir.exists() || leaf.remove(wait)
+        leaf.absent() || leaf.remove(wait)
     }
 
     /// Moves every process of `id`'s leaf back to the VM's own cgroup of this hierarchy and
@@ -320,7 +320,7 @@ impl V1VmCgroup {
     /// is read again right before its move: one that left the leaf is not ours to move.
     pub fn dissolve(&self, id: &ProcessIdentity) -> bool {
         let leaf = self.vm.leaf(id);
-        if !leaf.dir.exists() {
+        if leaf.absent() {
             return true;
         }
         let Some(parent) = self.vm.dir.parent() else {

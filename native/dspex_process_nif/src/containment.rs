@@ -13,7 +13,10 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 
 mod atoms {
-    rustler::atoms! { ok, error, none, cgroup, auto, moved, already, gone, elsewhere, raced, v1, v2 }
+    rustler::atoms! {
+        ok, error, none, cgroup, auto, moved, already, gone, elsewhere, raced, v1, v2,
+        leaf_left, v1_leaf_left,
+    }
 }
 
 /// Controllers a leaf may use for limits.
@@ -279,19 +282,23 @@ fn cgroup_enter(env: Env, pid: i64, start_time: u64) -> Term {
     }
 }
 
-/// Hands a process off: moves what is in its leaf back to the VM's cgroup, removes the
-/// leaf. True when no leaf is left.
+/// Hands a process off: moves what is in its leaves back to the VM's cgroups and removes
+/// the leaves, its v1 ones too (a process handed off keeps no limit of this VM). `:ok` when
+/// no leaf is left; `:leaf_left` when its cgroup2 leaf stays (the process ends with this
+/// VM's cgroup); `:v1_leaf_left` when only a v1 leaf stays (it keeps that leaf's limits,
+/// and does not end with the VM: only the cgroup2 cgroups name a VM's processes).
 #[rustler::nif(schedule = "DirtyIo")]
-fn cgroup_dissolve(pid: i64, start_time: u64) -> bool {
-    match (own_cgroup(), identity(pid, start_time)) {
-        (Some(vm), Some(id)) => {
-            // Its v1 leaves too, each of them: a process handed off keeps no limit of this
-            // VM. False when a leaf stays (the guardian says so: the process would end with
-            // the VM's cgroups).
-            let v1 = cgroup_v1::dissolve_all(&own_v1_cgroups(), &id);
-            vm.dissolve(&id) && v1
-        }
-        _ => true,
+fn cgroup_dissolve(pid: i64, start_time: u64) -> Atom {
+    let (Some(vm), Some(id)) = (own_cgroup(), identity(pid, start_time)) else {
+        return atoms::ok();
+    };
+    let v1 = cgroup_v1::dissolve_all(&own_v1_cgroups(), &id);
+    if !vm.dissolve(&id) {
+        atoms::leaf_left()
+    } else if !v1 {
+        atoms::v1_leaf_left()
+    } else {
+        atoms::ok()
     }
 }
 
