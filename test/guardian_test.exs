@@ -51,6 +51,27 @@ defmodule DSPexProcess.GuardianTest do
     assert eventually(fn -> not alive?(pid, start) end, 5_000)
   end
 
+  test "every port program of a burst of unregistrations is ended" do
+    # Releases queued back to back join one notice: none of them may be lost on the way.
+    tag = System.unique_integer([:positive])
+    started = for _ <- 1..4, do: start_lingering_python()
+    ids = for {_port, pid} <- started, do: {pid, start_time(pid)}
+    on_exit(fn -> for {p, s} <- ids, alive?(p, s), do: kill9(p, s) end)
+
+    for {pid, _} <- ids,
+        do: :ok = ProcessRegistry.register_worker({:burst, tag, pid}, self(), pid, "fp_#{tag}")
+
+    # The registrations reached the guardian before the releases.
+    _ = DSPexProcess.Guardian.status()
+    for {pid, _} <- ids, do: :ok = ProcessRegistry.unregister_worker({:burst, tag, pid})
+    # A released process held by an open port is waited on until the port closes; these
+    # linger (they spin on stdin's EOF), as DSPex's bridge does.
+    for {port, _} <- started, do: Port.close(port)
+
+    g = DSPexProcess.Guardian.status().options
+    assert eventually(fn -> all_gone?(ids) end, g[:release_delay_ms] + g[:grace_ms] + 5_000)
+  end
+
   test "a process handed off to an unguarded registry within the delay is left running" do
     unguarded = unique_name(:handoff)
     :ok = ProcessRegistry.ensure_table(unguarded, guardian: false)

@@ -79,21 +79,17 @@ enum Urgency {
     Soon,
 }
 
-/// Wakes the guardian unless a wake-up that comes soon enough is already on its way. A
+/// Wakes `guardian` unless a wake-up that comes soon enough is already on its way. A
 /// failed send (the guardian just exited) loses nothing: the queues are kept for the next
-/// guardian, which takes them when it attaches.
-fn wake(sender: Sender, urgency: Urgency) {
-    let Some(guardian) = guardian() else {
-        return;
-    };
+/// guardian, which takes them when it attaches. (A flag already set is only read: a swap
+/// would write its cache line on every notice of a burst.)
+fn wake(sender: Sender, guardian: LocalPid, urgency: Urgency) {
+    let already =
+        |sent: &AtomicBool| sent.load(Ordering::SeqCst) || sent.swap(true, Ordering::SeqCst);
     let message = match urgency {
-        Urgency::Now if URGENT_SENT.swap(true, Ordering::SeqCst) => return,
+        Urgency::Now if already(&URGENT_SENT) => return,
         Urgency::Now => atoms::dspex_notices(),
-        Urgency::Soon
-            if URGENT_SENT.load(Ordering::SeqCst) || SOON_SENT.swap(true, Ordering::SeqCst) =>
-        {
-            return
-        }
+        Urgency::Soon if URGENT_SENT.load(Ordering::SeqCst) || already(&SOON_SENT) => return,
         Urgency::Soon => atoms::dspex_notices_soon(),
     };
     match sender {
@@ -108,9 +104,9 @@ fn wake(sender: Sender, urgency: Urgency) {
 
 /// Queues `notice` when a guardian is attached, and wakes it.
 fn notify(sender: Sender, notice: Notice) {
-    if guardian().is_none() {
+    let Some(guardian) = guardian() else {
         return;
-    }
+    };
     let urgency = match notice {
         Notice::Released(_) => Urgency::Soon,
         Notice::Registered { .. } | Notice::Unread { .. } => Urgency::Now,
@@ -119,14 +115,32 @@ fn notify(sender: Sender, notice: Notice) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(notice);
-    wake(sender, urgency);
+    wake(sender, guardian, urgency);
 }
 
-/// Tells the guardian that `released` left a guarded registry.
-fn notify_released(sender: Sender, guarded: bool, released: Vec<(ProcessIdentity, WorkerKey)>) {
-    if guarded && !released.is_empty() {
-        notify(sender, Notice::Released(released));
+/// Tells the guardian that `released` left a guarded registry. Releases queued back to
+/// back join one notice, so that a burst of unregistrations allocates a list once, not
+/// once per worker.
+fn notify_released(
+    sender: Sender,
+    guarded: bool,
+    released: impl IntoIterator<Item = (ProcessIdentity, WorkerKey)>,
+) {
+    let mut released = released.into_iter().peekable();
+    if !guarded || released.peek().is_none() {
+        return;
     }
+    let Some(guardian) = guardian() else {
+        return;
+    };
+    {
+        let mut queue = NOTICES.lock().unwrap_or_else(|e| e.into_inner());
+        match queue.last_mut() {
+            Some(Notice::Released(last)) => last.extend(released),
+            _ => queue.push(Notice::Released(released.collect())),
+        }
+    }
+    wake(sender, guardian, Urgency::Soon);
 }
 
 /// Worker ids are arbitrary terms, kept as bytes (see [`with_key`]) so they can be hashed
@@ -646,7 +660,9 @@ fn stage(
         });
         STAGED_COUNT.fetch_add(1, Ordering::SeqCst);
     }
-    wake(Sender::Env(env), Urgency::Now);
+    if let Some(guardian) = guardian() {
+        wake(Sender::Env(env), guardian, Urgency::Now);
+    }
 }
 
 /// Applies every staged registration, oldest first, reading each one's process. Every
@@ -773,7 +789,7 @@ fn unregister(env: Env, resource: &RegistryResource, worker_id: Term) -> Atom {
         release_of(key, entry)
     });
     if let Some(released) = removed {
-        notify_released(Sender::Env(env), resource.guarded, vec![released]);
+        notify_released(Sender::Env(env), resource.guarded, [released]);
     }
     atoms::ok()
 }
