@@ -65,7 +65,7 @@ defmodule DSPexProcess.GuardianTest do
     _ = DSPexProcess.Guardian.status()
     for {pid, _} <- ids, do: :ok = ProcessRegistry.unregister_worker({:burst, tag, pid})
     # A released process held by an open port is waited on until the port closes; these
-    # linger (they spin on stdin's EOF), as DSPex's bridge does.
+    # ignore the EOF on their stdin (they sleep), so only the guardian ends them.
     for {port, _} <- started, do: Port.close(port)
 
     g = DSPexProcess.Guardian.status().options

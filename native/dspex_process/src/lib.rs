@@ -11,6 +11,7 @@
 //!   and the monitor handle, so the NIF can back it with Erlang terms and pids.
 
 mod ancestry;
+pub mod batch_queue;
 pub mod cgroup;
 pub mod cgroup_v1;
 pub mod classify;

@@ -1,6 +1,7 @@
 //! The worker registry as a NIF resource. The resource lives as long as any term refers
 //! to it (the Elixir side keeps one in `:persistent_term`), so it outlives the GenServer.
 
+use dspex_process::batch_queue::push_joined;
 use dspex_process::{
     KeyBytes, Pid, PinnedProcess, PinnedRead, ProcessIdentity, Registry, RegistryStats, WorkerEntry,
 };
@@ -79,11 +80,14 @@ enum Urgency {
     Soon,
 }
 
-/// Wakes `guardian` unless a wake-up that comes soon enough is already on its way. A
+/// Wakes the guardian unless a wake-up that comes soon enough is already on its way. A
 /// failed send (the guardian just exited) loses nothing: the queues are kept for the next
-/// guardian, which takes them when it attaches. (A flag already set is only read: a swap
-/// would write its cache line on every notice of a burst.)
-fn wake(sender: Sender, guardian: LocalPid, urgency: Urgency) {
+/// guardian, which takes them when it attaches. The guardian is read after the flag is set
+/// (and the notice queued): a guardian attached after that read clears the flags and takes
+/// the queue after attaching, so no notice waits with a flag set and no message on its way.
+/// (A flag already set is only read: a swap would write its cache line on every notice of
+/// a burst.)
+fn wake(sender: Sender, urgency: Urgency) {
     let already =
         |sent: &AtomicBool| sent.load(Ordering::SeqCst) || sent.swap(true, Ordering::SeqCst);
     let message = match urgency {
@@ -91,6 +95,9 @@ fn wake(sender: Sender, guardian: LocalPid, urgency: Urgency) {
         Urgency::Now => atoms::dspex_notices(),
         Urgency::Soon if URGENT_SENT.load(Ordering::SeqCst) || already(&SOON_SENT) => return,
         Urgency::Soon => atoms::dspex_notices_soon(),
+    };
+    let Some(guardian) = guardian() else {
+        return;
     };
     match sender {
         Sender::Env(env) => {
@@ -104,9 +111,9 @@ fn wake(sender: Sender, guardian: LocalPid, urgency: Urgency) {
 
 /// Queues `notice` when a guardian is attached, and wakes it.
 fn notify(sender: Sender, notice: Notice) {
-    let Some(guardian) = guardian() else {
+    if guardian().is_none() {
         return;
-    };
+    }
     let urgency = match notice {
         Notice::Released(_) => Urgency::Soon,
         Notice::Registered { .. } | Notice::Unread { .. } => Urgency::Now,
@@ -115,32 +122,31 @@ fn notify(sender: Sender, notice: Notice) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(notice);
-    wake(sender, guardian, urgency);
+    wake(sender, urgency);
 }
 
-/// Tells the guardian that `released` left a guarded registry. Releases queued back to
-/// back join one notice, so that a burst of unregistrations allocates a list once, not
-/// once per worker.
-fn notify_released(
-    sender: Sender,
-    guarded: bool,
-    released: impl IntoIterator<Item = (ProcessIdentity, WorkerKey)>,
-) {
-    let mut released = released.into_iter().peekable();
-    if !guarded || released.peek().is_none() {
+/// Tells the guardian that `released` left a guarded registry. A few releases queued right
+/// after other releases join their notice, so that a burst of unregistrations allocates one
+/// growing list, not one per worker (see [`push_joined`]).
+fn notify_released<I>(sender: Sender, guarded: bool, released: I)
+where
+    I: IntoIterator<Item = (ProcessIdentity, WorkerKey)>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let released = released.into_iter();
+    if !guarded || released.len() == 0 || guardian().is_none() {
         return;
     }
-    let Some(guardian) = guardian() else {
-        return;
-    };
-    {
-        let mut queue = NOTICES.lock().unwrap_or_else(|e| e.into_inner());
-        match queue.last_mut() {
-            Some(Notice::Released(last)) => last.extend(released),
-            _ => queue.push(Notice::Released(released.collect())),
-        }
-    }
-    wake(sender, guardian, Urgency::Soon);
+    push_joined(
+        &mut NOTICES.lock().unwrap_or_else(|e| e.into_inner()),
+        released,
+        |tail| match tail {
+            Notice::Released(list) => Some(list),
+            _ => None,
+        },
+        Notice::Released,
+    );
+    wake(sender, Urgency::Soon);
 }
 
 /// Worker ids are arbitrary terms, kept as bytes (see [`with_key`]) so they can be hashed
@@ -660,9 +666,7 @@ fn stage(
         });
         STAGED_COUNT.fetch_add(1, Ordering::SeqCst);
     }
-    if let Some(guardian) = guardian() {
-        wake(Sender::Env(env), guardian, Urgency::Now);
-    }
+    wake(Sender::Env(env), Urgency::Now);
 }
 
 /// Applies every staged registration, oldest first, reading each one's process. Every
