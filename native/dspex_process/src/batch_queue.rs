@@ -10,36 +10,34 @@ pub const JOINED_AT_MOST: usize = 4_096;
 
 /// Pushes `items` onto `queue`. When they are few (at most [`JOIN_AT_MOST`]) and the
 /// queue's tail is a list of their kind (`tail_list` finds it) with room for them (up to
-/// [`JOINED_AT_MOST`]), they join that list: a
-/// burst of single items allocates one growing list, not one per item. Otherwise they
-/// become a new element (`wrap`). A large batch is never copied: collecting a `Vec`'s
-/// `IntoIter` that was not advanced reuses its buffer, so the caller's lock on `queue` is
-/// held for a constant time whatever the batch's size. Nothing is pushed for no items.
-/// The order of the items, and of the queue's elements, is kept.
+/// [`JOINED_AT_MOST`]), they join that list: a burst of single items allocates one growing
+/// list, not one per item. Otherwise they become a new element (`wrap`), moved in as they
+/// are: a `Vec` is not copied, so the caller's lock on `queue` is held for the same time
+/// whatever the batch's size. Nothing is pushed for no items. The order of the items, and
+/// of the queue's elements, is kept.
 pub fn push_joined<N, T, I>(
     queue: &mut Vec<N>,
     items: I,
     tail_list: impl FnOnce(&mut N) -> Option<&mut Vec<T>>,
     wrap: impl FnOnce(Vec<T>) -> N,
 ) where
-    I: IntoIterator<Item = T>,
-    I::IntoIter: ExactSizeIterator,
+    I: IntoIterator<Item = T> + AsRef<[T]> + Into<Vec<T>>,
 {
-    let items = items.into_iter();
-    if items.len() == 0 {
+    let len = items.as_ref().len();
+    if len == 0 {
         return;
     }
-    if items.len() <= JOIN_AT_MOST {
+    if len <= JOIN_AT_MOST {
         let joinable = queue
             .last_mut()
             .and_then(tail_list)
-            .filter(|list| list.len() + items.len() <= JOINED_AT_MOST);
+            .filter(|list| list.len() + len <= JOINED_AT_MOST);
         if let Some(list) = joinable {
             list.extend(items);
             return;
         }
     }
-    queue.push(wrap(items.collect()));
+    queue.push(wrap(items.into()));
 }
 
 #[cfg(test)]
@@ -71,6 +69,15 @@ mod tests {
         push(&mut queue, vec![2]);
         push(&mut queue, vec![3, 4]);
         assert_eq!(queue, vec![Item::List(vec![1, 2, 3, 4])]);
+    }
+
+    #[test]
+    fn a_batch_of_join_at_most_joins_and_one_more_does_not() {
+        let mut queue = vec![Item::List(vec![0])];
+        push(&mut queue, vec![1; JOIN_AT_MOST]);
+        assert_eq!(queue.len(), 1);
+        push(&mut queue, vec![2; JOIN_AT_MOST + 1]);
+        assert_eq!(queue.len(), 2);
     }
 
     #[test]

@@ -84,7 +84,8 @@ enum Urgency {
 /// failed send (the guardian just exited) loses nothing: the queues are kept for the next
 /// guardian, which takes them when it attaches. The guardian is read after the flag is set
 /// (and the notice queued): a guardian attached after that read clears the flags and takes
-/// the queue after attaching, so no notice waits with a flag set and no message on its way.
+/// the queue after attaching (`DSPexProcess.Guardian` sends itself `:dspex_notices` right
+/// after `guardian_attach`), so no notice waits with a flag set and no message on its way.
 /// (A flag already set is only read: a swap would write its cache line on every notice of
 /// a burst.)
 fn wake(sender: Sender, urgency: Urgency) {
@@ -130,11 +131,11 @@ fn notify(sender: Sender, notice: Notice) {
 /// growing list, not one per worker (see [`push_joined`]).
 fn notify_released<I>(sender: Sender, guarded: bool, released: I)
 where
-    I: IntoIterator<Item = (ProcessIdentity, WorkerKey)>,
-    I::IntoIter: ExactSizeIterator,
+    I: IntoIterator<Item = (ProcessIdentity, WorkerKey)>
+        + AsRef<[(ProcessIdentity, WorkerKey)]>
+        + Into<Vec<(ProcessIdentity, WorkerKey)>>,
 {
-    let released = released.into_iter();
-    if !guarded || released.len() == 0 || guardian().is_none() {
+    if !guarded || released.as_ref().is_empty() || guardian().is_none() {
         return;
     }
     push_joined(
@@ -696,6 +697,10 @@ pub(crate) fn settle(env: Env) {
                 queue.push(staged);
                 queue.extend(batch);
                 queue.extend(later);
+                drop(queue);
+                // The retry must not wait for a registry call that may never come (a
+                // guardian's take, which may be running this, cleared the flags).
+                wake(Sender::Env(env), Urgency::Soon);
                 return;
             }
             // Given up: the entry is recorded without an OS process, and the guardian
@@ -812,7 +817,8 @@ fn registry_guarded(resource: ResourceArc<RegistryResource>) -> bool {
 }
 
 /// Makes `pid` the guardian of this VM's registries (see [`GUARDIAN`]); `nil` detaches.
-/// Notices queued before a detach stay for the next guardian, which takes them first.
+/// Notices queued before a detach stay for the next guardian, which must take them right
+/// after attaching: a wake-up flag may be set with no message on its way (see [`wake`]).
 #[rustler::nif]
 fn guardian_attach(pid: Option<LocalPid>) -> Atom {
     *GUARDIAN.write().unwrap_or_else(|e| e.into_inner()) = pid;
