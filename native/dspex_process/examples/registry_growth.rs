@@ -7,27 +7,23 @@
 //! index record grows), and one owner and one fingerprint each (only the sharded maps
 //! grow). Prints the slowest call and how many took over 1 and 2 ms.
 
-use dspex_process::{KeyBytes, Registry, WorkerEntry};
+mod common;
+
+use dspex_process::{KeyBytes, Registry};
 use std::time::Instant;
 
 fn grow(name: &str, n: usize, one_owner: bool, one_fingerprint: bool) {
     let registry: Registry<KeyBytes, u64> = Registry::new();
     let (mut worst, mut over_1ms, mut over_2ms) = (0u128, 0, 0);
     for i in 0..n {
-        let key = KeyBytes::new(format!("\0worker_{i}").as_bytes());
+        let key = KeyBytes::new(&common::binary_id(&format!("worker_{i}")));
         let fingerprint = if one_fingerprint {
-            registry.intern("dspex_pool")
+            "dspex_pool".to_string()
         } else {
-            registry.intern(&format!("dspex_worker_{i}_1795690000000000000"))
+            format!("dspex_worker_{i}_1795690000000000000")
         };
-        let entry = WorkerEntry {
-            owner: if one_owner { 1 } else { i as u64 },
-            python: None,
-            fingerprint,
-            registered_at: 1_795_690_000,
-            alive: false,
-            port_child: false,
-        };
+        let owner = if one_owner { 1 } else { i as u64 };
+        let entry = common::worker_entry(&registry, owner, false, &fingerprint);
         let started = Instant::now();
         registry.register(key, entry, |_| true);
         let ns = started.elapsed().as_nanos();
@@ -42,10 +38,7 @@ fn grow(name: &str, n: usize, one_owner: bool, one_fingerprint: bool) {
 }
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
+    let n = common::count_arg(1_000_000);
     println!("| {n} registrations | slowest call (ms) | over 1 ms | over 2 ms |");
     println!("|---|---|---|---|");
     grow("one owner", n, true, false);

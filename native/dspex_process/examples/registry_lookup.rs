@@ -60,7 +60,7 @@ where
 fn main() {
     // Binary ids as the NIF keeps them: a zero byte, then the id.
     let mut ids: Vec<Vec<u8>> = (0..WORKERS)
-        .map(|i| [&[0u8][..], format!("worker_{i}").as_bytes()].concat())
+        .map(|i| common::binary_id(&format!("worker_{i}")))
         .collect();
     // A fixed shuffle (xorshift), so that the walk is not in insertion order.
     let mut x = 0x2545_f491_u64;

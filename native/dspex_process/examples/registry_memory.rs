@@ -47,18 +47,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// A binary worker id as the NIF keeps it: a zero byte, then its bytes.
-fn key(id: &str) -> KeyBytes {
-    let mut bytes = vec![0];
-    bytes.extend_from_slice(id.as_bytes());
-    KeyBytes::new(&bytes)
-}
-
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(50_000);
+    let n = common::count_arg(50_000);
     // Made before counting: the NIF receives them as terms.
     let ids: Vec<String> = (0..n).map(|i| format!("worker_{i}")).collect();
     let fingerprints: Vec<String> = (0..n)
@@ -71,7 +61,12 @@ fn main() {
     );
     let registry: Registry<KeyBytes, u64> = Registry::new();
     for i in 0..n {
-        common::register_worker(&registry, key(&ids[i]), i, &fingerprints[i]);
+        common::register_worker(
+            &registry,
+            KeyBytes::new(&common::binary_id(&ids[i])),
+            i,
+            &fingerprints[i],
+        );
     }
     let requested = REQUESTED.load(Ordering::SeqCst) - before.0;
     let footprint = FOOTPRINT.load(Ordering::SeqCst) - before.1;

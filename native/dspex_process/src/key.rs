@@ -18,7 +18,11 @@ pub const INLINE_KEY: usize = 22;
 /// It hashes and compares as its bytes, so a registry keyed by it is searched with a
 /// `&[u8]`.
 #[derive(Clone)]
-pub enum KeyBytes {
+pub struct KeyBytes(Repr);
+
+/// Private, so that an inline length is always one [`KeyBytes::new`] checked.
+#[derive(Clone)]
+enum Repr {
     Inline { len: u8, bytes: [u8; INLINE_KEY] },
     Shared(Arc<[u8]>),
 }
@@ -28,19 +32,19 @@ impl KeyBytes {
         if bytes.len() <= INLINE_KEY {
             let mut inline = [0; INLINE_KEY];
             inline[..bytes.len()].copy_from_slice(bytes);
-            KeyBytes::Inline {
+            KeyBytes(Repr::Inline {
                 len: bytes.len() as u8,
                 bytes: inline,
-            }
+            })
         } else {
-            KeyBytes::Shared(bytes.into())
+            KeyBytes(Repr::Shared(bytes.into()))
         }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            KeyBytes::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            KeyBytes::Shared(bytes) => bytes,
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Shared(bytes) => bytes,
         }
     }
 }
@@ -89,17 +93,14 @@ mod tests {
     fn three_words_and_inline_up_to_the_limit() {
         assert_eq!(size_of::<KeyBytes>(), 24);
         assert!(matches!(
-            KeyBytes::new(&[7; INLINE_KEY]),
-            KeyBytes::Inline { .. }
+            KeyBytes::new(&[7; INLINE_KEY]).0,
+            Repr::Inline { .. }
         ));
         assert!(matches!(
-            KeyBytes::new(&[7; INLINE_KEY + 1]),
-            KeyBytes::Shared(_)
+            KeyBytes::new(&[7; INLINE_KEY + 1]).0,
+            Repr::Shared(_)
         ));
-        assert!(matches!(
-            KeyBytes::new(&[]),
-            KeyBytes::Inline { len: 0, .. }
-        ));
+        assert!(matches!(KeyBytes::new(&[]).0, Repr::Inline { len: 0, .. }));
     }
 
     #[test]

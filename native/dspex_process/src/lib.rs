@@ -36,7 +36,7 @@ mod test_util;
 
 pub use error::{Error, Result};
 pub use identity::{PinnedProcess, PinnedRead, ProcessIdentity};
-pub use key::{KeyBytes, INLINE_KEY};
+pub use key::KeyBytes;
 pub use pid::Pid;
 pub use proc_facts::{
     is_beam, is_port_child_of, is_port_helper_of, port_child_start, proc_stat_readable_by_all,

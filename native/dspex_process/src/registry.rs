@@ -1,5 +1,5 @@
 use crate::identity::ProcessIdentity;
-use crate::split_set::{SplitSet, SweepCursor};
+use crate::split_set::SplitSet;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::borrow::Borrow;
@@ -48,10 +48,27 @@ pub struct RegistryStats {
     pub active_python_pids: usize,
 }
 
-/// The keys of a fingerprint: almost always exactly one, kept without a collection; a
-/// boxed set when many workers share it. Never empty (a record whose last key goes is
-/// removed), so that the record is no bigger than its key: the box fits in the key's
-/// unused bits (a non-null pointer, a tag).
+/// The keys of a fingerprint, or of an owner: almost always exactly one, kept without a
+/// collection; a boxed set when many workers share the record. Never empty (a record whose
+/// last key goes is removed), so that the record is no bigger than its key: the box fits
+/// in the key's unused bits (a non-null pointer, a tag).
+///
+/// A fingerprint's record names exactly its entries' keys ([`Keys::add`], [`Keys::remove_last`]).
+/// An owner's names every key whose entry is the owner's, and maybe some that left it:
+/// unregistering does not touch it (one lock instead of three); registering for the owner
+/// drops keys that left, checking a fixed number of keys per call ([`Keys::add_sweeping`]),
+/// so that the sweep never does work in proportion to the owner's keys (it runs on a VM
+/// scheduler; the set itself grows a part at a time, see [`SplitSet`]):
+/// - a lone key that left is replaced by the new one;
+/// - a set of keys is swept [`SWEEP_PER_ADD`] positions per registration, round robin. A
+///   pass over a set of S keys takes at most S / 3 registrations (each adds at most one key
+///   behind the sweep), and what it leaves is the keys found live plus those added
+///   meanwhile: the set stays within about 1.5 times the most keys the owner had at once
+///   (with two checks per registration it did not: a worker replaced before the old one is
+///   unregistered made it grow without end).
+///
+/// An owner that registers nothing more keeps what it has until it dies: its death skips
+/// the keys that left it.
 #[derive(Debug)]
 enum Keys<K> {
     One(K),
@@ -59,12 +76,31 @@ enum Keys<K> {
     Many(Box<SplitSet<K>>),
 }
 
+/// Positions of an owner's set checked per registration (see [`Keys`]).
+const SWEEP_PER_ADD: usize = 4;
+
 impl<K: Eq + Hash + Clone> Keys<K> {
     fn add(&mut self, key: K) {
         match self {
             Keys::One(k) if *k == key => {}
             Keys::One(k) => *self = Keys::Many(Box::new([k.clone(), key].into_iter().collect())),
             Keys::Many(keys) => {
+                keys.insert(key);
+            }
+        }
+    }
+
+    /// Adds `key` for a registration by the owner, called under the owner's lock before
+    /// the entry is put, dropping keys that left the owner on the way (see [`Keys`]).
+    /// `still_owned` reads whether a key's entry is the owner's now.
+    fn add_sweeping(&mut self, key: K, still_owned: impl Fn(&K) -> bool) {
+        match self {
+            Keys::One(k) if *k != key && !still_owned(k) => *self = Keys::One(key),
+            Keys::One(_) => self.add(key),
+            Keys::Many(keys) => {
+                // Before the insert: `key`'s entry is not in yet, and the sweep would take
+                // it for one that left (a copy of it already there may go: it comes back).
+                keys.sweep(SWEEP_PER_ADD, still_owned);
                 keys.insert(key);
             }
         }
@@ -86,85 +122,29 @@ impl<K: Eq + Hash + Clone> Keys<K> {
         }
     }
 
-    fn to_vec(&self) -> Vec<K> {
-        match self {
-            Keys::One(k) => vec![k.clone()],
-            Keys::Many(keys) => keys.iter().cloned().collect(),
-        }
-    }
-}
-
-/// An owner's record: every key whose entry is the owner's, and maybe some that left it.
-/// Unregistering does not touch the record (one lock instead of three); registering for
-/// the owner drops keys that left, checking a fixed number of keys per call, so that the
-/// sweep never does work in proportion to the owner's keys (it runs on a VM scheduler; the
-/// set itself grows a part at a time, see [`SplitSet`]):
-/// - a lone key that left is replaced by the new one;
-/// - a set of keys is swept [`SWEEP_PER_ADD`] positions per registration, round robin (a
-///   [`SplitSet`]: positions, and no key twice). A pass over a set of S keys takes at most
-///   S / 3 registrations (each adds at most one key behind the sweep), and what it leaves
-///   is the keys found live plus those added meanwhile: the set stays within about 1.5
-///   times the most keys the owner had at once (with two checks per registration it did
-///   not: a worker replaced before the old one is unregistered made it grow without end).
-///
-/// An owner that registers nothing more keeps what it has until it dies: its death skips
-/// the keys that left it.
-#[derive(Debug)]
-enum OwnerKeys<K> {
-    One(K),
-    Many(Box<SweptKeys<K>>),
-}
-
-#[derive(Debug)]
-struct SweptKeys<K> {
-    keys: SplitSet<K>,
-    /// Where the sweep resumes.
-    sweep: SweepCursor,
-}
-
-/// Positions of an owner's set checked per registration (see [`OwnerKeys`]).
-const SWEEP_PER_ADD: usize = 4;
-
-impl<K: Eq + Hash + Clone> OwnerKeys<K> {
-    /// Adds `key` for a registration by the owner, called under the owner's lock before
-    /// the entry is put. `still_owned` reads whether a key's entry is the owner's now.
-    fn add(&mut self, key: K, still_owned: impl Fn(&K) -> bool) {
-        match self {
-            OwnerKeys::One(k) if *k == key => {}
-            OwnerKeys::One(k) if !still_owned(k) => *self = OwnerKeys::One(key),
-            OwnerKeys::One(k) => {
-                *self = OwnerKeys::Many(Box::new(SweptKeys {
-                    keys: [k.clone(), key].into_iter().collect(),
-                    sweep: SweepCursor::default(),
-                }));
-            }
-            OwnerKeys::Many(set) => {
-                // Before the insert: `key`'s entry is not in yet, and the sweep would take
-                // it for one that left (a copy of it already there may go: it comes back).
-                set.keys.sweep(&mut set.sweep, SWEEP_PER_ADD, still_owned);
-                set.keys.insert(key);
-            }
-        }
-    }
-
     fn len(&self) -> usize {
         match self {
-            OwnerKeys::One(_) => 1,
-            OwnerKeys::Many(set) => set.keys.len(),
+            Keys::One(_) => 1,
+            Keys::Many(keys) => keys.len(),
         }
     }
 
+    fn iter(&self) -> impl Iterator<Item = &K> {
+        let (one, many) = match self {
+            Keys::One(k) => (Some(k), None),
+            Keys::Many(keys) => (None, Some(keys.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
     fn to_vec(&self) -> Vec<K> {
-        match self {
-            OwnerKeys::One(k) => vec![k.clone()],
-            OwnerKeys::Many(set) => set.keys.iter().cloned().collect(),
-        }
+        self.iter().cloned().collect()
     }
 
     fn into_vec(self) -> Vec<K> {
         match self {
-            OwnerKeys::One(k) => vec![k],
-            OwnerKeys::Many(set) => set.keys.into_keys().collect(),
+            Keys::One(k) => vec![k],
+            Keys::Many(keys) => keys.into_keys().collect(),
         }
     }
 }
@@ -174,7 +154,7 @@ impl<K: Eq + Hash + Clone> OwnerKeys<K> {
 /// time proportional to their number (the NIF does that off the VM's schedulers when
 /// there are many).
 #[derive(Debug)]
-pub struct DetachedKeys<K>(OwnerKeys<K>);
+pub struct DetachedKeys<K>(Keys<K>);
 
 impl<K: Eq + Hash + Clone> DetachedKeys<K> {
     pub fn len(&self) -> usize {
@@ -186,23 +166,12 @@ impl<K: Eq + Hash + Clone> DetachedKeys<K> {
     }
 }
 
-/// A test's hook and the point of `register` where it runs (see [`test_hook`]).
-#[cfg(test)]
-type TestHook = Option<(&'static str, Box<dyn FnOnce()>)>;
-
 #[cfg(test)]
 thread_local! {
-    static TEST_HOOK: std::cell::Cell<TestHook> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs this thread's test hook if it was set for `point`: lets a test interleave another
-/// thread's work at that point of `register`.
-#[cfg(test)]
-fn test_hook(point: &'static str) {
-    match TEST_HOOK.with(|hook| hook.take()) {
-        Some((at, hook)) if at == point => hook(),
-        other => TEST_HOOK.with(|hook| hook.set(other)),
-    }
+    /// Runs in `register` between a new owner record and its entry (see
+    /// `an_owner_that_dies_while_its_first_entry_goes_in_takes_it_along`).
+    static NEW_RECORD_HOOK: std::cell::Cell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::Cell::new(None) };
 }
 
 /// Shards of each map: a listing holds one shard's read lock at a time, so with many
@@ -229,14 +198,14 @@ const SHARDS: usize = 256;
 /// belong to `o` (and no entry comes to `o` without that lock). So `o`'s record names every
 /// key of `o` until `o` dies, and `o`'s death removes them all. It may also name keys that
 /// left `o` (unregistered, or registered by another owner): `o`'s death skips them, and
-/// [`OwnerKeys`] keeps their number bounded. (An owner already dead when it
+/// [`Keys`] keeps their number bounded. (An owner already dead when it
 /// registers gets no record: its entries are kept as dead and leave through
 /// [`Registry::remove_dead`] or [`Registry::remove_if_dead`].) Every change to the fingerprint index
 /// is made while the entry's shard in `entries` is write-locked, so the index names key `k`
 /// under `f` exactly when `k`'s entry has `f`.
 pub struct Registry<K, O> {
     entries: Map<K, WorkerEntry<O>>,
-    owners: Map<O, OwnerKeys<K>>,
+    owners: Map<O, Keys<K>>,
     fingerprints: Map<Arc<str>, Keys<K>>,
 }
 
@@ -289,25 +258,25 @@ where
         let replaced = match self.owners.entry(owner) {
             Entry::Occupied(mut keys) => {
                 entry.alive = true;
-                keys.get_mut().add(key.clone(), |k| {
+                keys.get_mut().add_sweeping(key.clone(), |k| {
                     self.entries.get(k).is_some_and(|e| e.owner == owner)
                 });
-                self.put(key.clone(), entry)
+                self.put(key, entry)
             }
             Entry::Vacant(slot) => {
                 entry.alive = monitor(&owner);
                 // A live owner's new record stays locked until the entry is in: an owner
                 // that dies meanwhile is detached only after, and its entry leaves with it.
                 // A dead one gets none (its slot is released here).
-                let _record = entry
-                    .alive
-                    .then(|| slot.insert(OwnerKeys::One(key.clone())));
+                let _record = entry.alive.then(|| slot.insert(Keys::One(key.clone())));
                 #[cfg(test)]
-                test_hook("new record");
-                self.put(key.clone(), entry)
+                if let Some(hook) = NEW_RECORD_HOOK.with(|hook| hook.take()) {
+                    hook();
+                }
+                self.put(key, entry)
             }
         };
-        // The key stays in the old owner's record, if it had one (see `OwnerKeys`).
+        // The key stays in the old owner's record, if it had one (see `Keys`).
         let old = replaced?;
         let left = old
             .python
@@ -390,7 +359,7 @@ where
     }
 
     /// Removes `key`; returns the registry's own key and the entry that were there. The
-    /// key stays in its owner's record (see [`OwnerKeys`]).
+    /// key stays in its owner's record (see [`Keys`]).
     pub fn remove<Q>(&self, key: &Q) -> Option<(K, WorkerEntry<O>)>
     where
         K: Borrow<Q>,
@@ -585,10 +554,10 @@ where
 
     /// How many of the keys in the owner's record are its live entries (0 when it is not
     /// watched).
-    pub fn owned_by(&self, owner: &O) -> usize {
+    #[cfg(test)]
+    pub(crate) fn owned_by(&self, owner: &O) -> usize {
         self.owners.get(owner).map_or(0, |keys| {
-            keys.to_vec()
-                .iter()
+            keys.iter()
                 .filter(|k| {
                     self.entries
                         .get(*k)
@@ -660,7 +629,6 @@ mod tests {
         assert_eq!(size_of::<Option<ProcessIdentity>>(), 16);
         assert_eq!(size_of::<Keys<Arc<[u8]>>>(), 16);
         assert_eq!(size_of::<Keys<crate::KeyBytes>>(), 24);
-        assert_eq!(size_of::<OwnerKeys<crate::KeyBytes>>(), 24);
     }
 
     #[test]
@@ -904,13 +872,13 @@ mod tests {
 
     #[test]
     fn a_registration_checks_a_bounded_number_of_an_owners_keys() {
-        let mut record = OwnerKeys::One("k0".to_string());
+        let mut record = Keys::One("k0".to_string());
         for i in 1..10_000 {
-            record.add(format!("k{i}"), |_| true);
+            record.add_sweeping(format!("k{i}"), |_| true);
         }
         assert_eq!(record.len(), 10_000);
         let checks = AtomicU32::new(0);
-        record.add("new".into(), |_| {
+        record.add_sweeping("new".into(), |_| {
             checks.fetch_add(1, Ordering::SeqCst);
             false
         });
@@ -1004,15 +972,12 @@ mod tests {
         let reg = Arc::new(Reg::new());
         let down = Arc::new(Mutex::new(None));
         let (r, d) = (Arc::clone(&reg), Arc::clone(&down));
-        TEST_HOOK.with(|hook| {
-            hook.set(Some((
-                "new record",
-                Box::new(move || {
-                    let death = std::thread::spawn(move || r.owner_down(&1).len());
-                    *d.lock().unwrap() = Some(death);
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }),
-            )))
+        NEW_RECORD_HOOK.with(|hook| {
+            hook.set(Some(Box::new(move || {
+                let death = std::thread::spawn(move || r.owner_down(&1).len());
+                *d.lock().unwrap() = Some(death);
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            })))
         });
         reg.register("w".into(), entry(1, None), |_| true);
         let death = down.lock().unwrap().take().expect("the hook ran");

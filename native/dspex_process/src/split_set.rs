@@ -10,6 +10,7 @@ type Part<K> = IndexSet<K, foldhash::fast::RandomState>;
 const SPLIT_AT: usize = 1_024;
 /// Parts of a split set: a key's part is the top byte of its hash.
 const PARTS: usize = 256;
+const _: () = assert!(PARTS == 1 << 8, "a part is chosen by the hash's top byte");
 
 /// A set of keys, with positions for a sweep, that grows without long pauses. A hash set
 /// rehashes all its keys when it outgrows its table: at 229,376 keys, one registration
@@ -27,11 +28,13 @@ pub(crate) struct SplitSet<K> {
     /// Chooses a key's part, with a seed of its own (not a part's, whose buckets would then
     /// all share the bits that chose the part).
     chooser: foldhash::fast::RandomState,
+    /// Where the next [`SplitSet::sweep`] resumes.
+    cursor: SweepCursor,
 }
 
 /// Where a sweep of a [`SplitSet`] resumes: a part and a position in it.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SweepCursor {
+struct SweepCursor {
     part: usize,
     position: usize,
 }
@@ -48,6 +51,7 @@ impl<K: Eq + Hash> SplitSet<K> {
             len: 0,
             split_at,
             chooser: foldhash::fast::RandomState::default(),
+            cursor: SweepCursor::default(),
         }
     }
 
@@ -107,21 +111,17 @@ impl<K: Eq + Hash> SplitSet<K> {
         self.parts.into_iter().flatten()
     }
 
-    /// Checks the next `checks` keys from `cursor`, round robin, and drops those `keep`
-    /// refuses. Empty parts are skipped without counting, so a call costs at most `checks`
+    /// Checks the next `checks` keys from where the last sweep stopped, round robin, and
+    /// drops those `keep` refuses. Empty parts are skipped without counting, so a call costs at most `checks`
     /// calls of `keep` plus `checks` walks over the 256 parts (a trivial step each). In
-    /// `len` checks from a pass's start (a new cursor, or one just wrapped round), each key
+    /// `len` checks from a pass's start (a new set, or a sweep just wrapped round), each key
     /// present then is checked once. (Mid-pass, a key may be checked twice and another
     /// later: a removal before the cursor's wrap point pulls a key already checked into
     /// its place.)
-    pub(crate) fn sweep(
-        &mut self,
-        cursor: &mut SweepCursor,
-        checks: usize,
-        keep: impl Fn(&K) -> bool,
-    ) {
+    pub(crate) fn sweep(&mut self, checks: usize, keep: impl Fn(&K) -> bool) {
+        let cursor = &mut self.cursor;
         for _ in 0..checks {
-            if self.is_empty() {
+            if self.len == 0 {
                 return;
             }
             // The next position that holds a key (there is one: the set is not empty).
@@ -136,13 +136,12 @@ impl<K: Eq + Hash> SplitSet<K> {
                 cursor.position = 0;
             }
             let part = &mut self.parts[cursor.part];
-            match part.get_index(cursor.position) {
+            if keep(&part[cursor.position]) {
+                cursor.position += 1;
+            } else {
                 // The part's last key moves into this position, and is checked next.
-                Some(key) if !keep(key) => {
-                    part.swap_remove_index(cursor.position);
-                    self.len -= 1;
-                }
-                _ => cursor.position += 1,
+                part.swap_remove_index(cursor.position);
+                self.len -= 1;
             }
         }
     }
@@ -192,7 +191,6 @@ mod tests {
         fn answers_as_a_plain_set(ops in proptest::collection::vec(op(), 1..400)) {
             let mut set = SplitSet::with_split_at(64);
             let mut model = HashSet::new();
-            let mut cursor = SweepCursor::default();
             for op in ops {
                 match op {
                     Op::Insert(k) => prop_assert_eq!(set.insert(k), model.insert(k)),
@@ -203,7 +201,7 @@ mod tests {
                             checked.set(checked.get() + 1);
                             k % m != 0
                         };
-                        set.sweep(&mut cursor, usize::from(checks), keep);
+                        set.sweep(usize::from(checks), keep);
                         prop_assert!(checked.get() <= usize::from(checks));
                         let kept: HashSet<u16> = set.iter().copied().collect();
                         let dropped: Vec<u16> = model.difference(&kept).copied().collect();
@@ -236,20 +234,19 @@ mod tests {
         for k in 0..1_000 {
             set.insert(k);
         }
-        let mut cursor = SweepCursor::default();
         // Dropping everything, four checks at a time, empties it in 250 calls.
         for _ in 0..250 {
-            set.sweep(&mut cursor, 4, |_| false);
+            set.sweep(4, |_| false);
         }
         assert!(set.is_empty());
-        set.sweep(&mut cursor, 4, |_| false);
+        set.sweep(4, |_| false);
         // Keeping everything, a full round of checks comes back to the first key.
         for k in 0..100 {
             set.insert(k);
         }
         let seen = std::cell::RefCell::new(Vec::new());
         for _ in 0..50 {
-            set.sweep(&mut cursor, 4, |k| {
+            set.sweep(4, |k| {
                 seen.borrow_mut().push(*k);
                 true
             });
@@ -266,10 +263,9 @@ mod tests {
             for k in 0..1_000 {
                 set.insert(k);
             }
-            let mut cursor = SweepCursor::default();
             let seen = std::cell::RefCell::new(Vec::new());
             for _ in 0..250 {
-                set.sweep(&mut cursor, 4, |k| {
+                set.sweep(4, |k| {
                     seen.borrow_mut().push(*k);
                     k % 3 != 0
                 });
