@@ -416,18 +416,19 @@ defmodule DSPexProcess.Guardian do
           :ok ->
             :ok
 
-          # Still in this VM's cgroup2 leaf: ended with it (a dead VM's cgroups are emptied).
+          # The leaf stays; whether the process is still in it is not known here. If it
+          # is, it ends with this VM's cgroup (a dead VM's cgroups are emptied).
           :leaf_left ->
             Logger.warning(
               "DSPexProcess.Guardian: OS process #{pid} was handed off but its cgroup leaf " <>
-                "could not be removed; it will end with this VM"
+                "could not be removed; if the process is still in it, it will end with this VM"
             )
 
           :v1_leaf_left ->
             Logger.warning(
               "DSPexProcess.Guardian: OS process #{pid} was handed off but its cgroup v1 " <>
-                "leaf could not be removed; it keeps that leaf's limits (it does not end " <>
-                "with this VM)"
+                "leaf could not be removed; if the process is still in it, it keeps that " <>
+                "leaf's limits (it does not end with this VM)"
             )
         end
       end

@@ -481,7 +481,7 @@ impl VmCgroup {
                 let _ = leaf.remove(Duration::from_millis(200));
             }
         }
-        self.as_unit().remove(Duration::from_millis(200)) || self.as_unit().absent()
+        self.as_unit().remove(Duration::from_millis(200))
     }
 
     /// Moves every process of a leaf back to the VM's own cgroup and removes the leaf: a
@@ -516,24 +516,38 @@ impl VmCgroup {
 }
 
 impl Unit {
-    /// The pids in this cgroup and every cgroup below it.
+    /// The pids in this cgroup and every cgroup below it, as far as they can be read.
     pub fn procs(&self) -> Vec<i32> {
+        self.procs_listed().0
+    }
+
+    /// The pids in this cgroup and every cgroup below it, and whether that is all of them:
+    /// false when a `cgroup.procs` or a directory below could not be read (EMFILE, EACCES;
+    /// a cgroup removed meanwhile held nothing, and counts as read).
+    pub fn procs_listed(&self) -> (Vec<i32>, bool) {
         let mut pids = Vec::new();
+        let mut complete = true;
         let mut stack = vec![self.dir.clone()];
+        let mut note = |e: std::io::Error| complete &= e.kind() == ErrorKind::NotFound;
         while let Some(dir) = stack.pop() {
-            if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            match std::fs::read_to_string(dir.join("cgroup.procs")) {
+                Ok(text) => pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok())),
+                Err(e) => note(e),
             }
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                stack.extend(
-                    entries
-                        .flatten()
-                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                        .map(|e| e.path()),
-                );
+            match std::fs::read_dir(&dir) {
+                Ok(entries) => {
+                    for entry in entries {
+                        match entry.and_then(|e| Ok((e.file_type()?, e.path()))) {
+                            Ok((kind, path)) if kind.is_dir() => stack.push(path),
+                            Ok(_) => {}
+                            Err(e) => note(e),
+                        }
+                    }
+                }
+                Err(e) => note(e),
             }
         }
-        pids
+        (pids, complete)
     }
 
     /// Whether a process is in this cgroup or below it: `path` is its `/proc/PID/cgroup`.

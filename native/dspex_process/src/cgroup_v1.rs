@@ -312,7 +312,7 @@ impl V1VmCgroup {
     /// kernel finishes with its last process). True when no leaf is left.
     pub fn remove_leaf(&self, id: &ProcessIdentity, wait: Duration) -> bool {
         let leaf = self.vm.leaf(id);
-        leaf.absent() || leaf.remove(wait)
+        leaf.remove(wait)
     }
 
     /// Moves every process of `id`'s leaf back to the VM's own cgroup of this hierarchy and

@@ -219,15 +219,19 @@ pub(crate) fn read_task_file(pid: i32, file: &str, stat: Option<&Stat>) -> Resul
         .map_or(leader, Ok)
 }
 
-/// Every pid in `/proc` now, in no particular order.
-pub fn all_pids() -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| *pid > 0)
-        .collect()
+/// Every pid in `/proc` now, in no particular order. An error when `/proc` cannot be
+/// listed in full (EMFILE, ENOMEM): a partial list is not every pid.
+pub fn all_pids() -> std::io::Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let name = entry?.file_name();
+        if let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) {
+            if pid > 0 {
+                pids.push(pid);
+            }
+        }
+    }
+    Ok(pids)
 }
 
 /// The owner of `/proc/PID`: the process's real uid.
@@ -352,7 +356,8 @@ pub(crate) fn mount_entries(mountinfo: &str) -> impl Iterator<Item = MountEntry<
         let mut left = left.split_ascii_whitespace();
         let root = left.nth(3)?;
         let mount_point = left.next()?;
-        let mut right = right.split_ascii_whitespace();
+        // Split on single spaces: an empty source is printed as nothing between two.
+        let mut right = right.split(' ');
         let fstype = right.next()?;
         let super_options = right.nth(1).unwrap_or("");
         Some(MountEntry {
@@ -407,6 +412,12 @@ mod tests {
         ));
         assert!(!proc_stat_readable_by_all(sys));
         assert!(!proc_stat_readable_by_all(""));
+        // An empty source is printed as nothing between two spaces.
+        let no_source = "22 1 0:21 / /proc rw shared:12 - proc  rw,hidepid=2\n";
+        assert!(!proc_stat_readable_by_all(no_source));
+        assert!(proc_stat_readable_by_all(
+            "22 1 0:21 / /proc rw shared:12 - proc  rw\n"
+        ));
     }
 
     #[test]

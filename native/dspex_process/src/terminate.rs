@@ -345,7 +345,6 @@ impl Pinned {
     }
 }
 
-/// Whether the process behind `pid` (or the pidfd, when there is one) still exists.
 /// What a failed read of `pid`'s `/proc` files says of it: gone only when no process has
 /// the pid (or its pidfd says it exited); any other failure cannot be verified.
 fn unreadable(pid: i32, pidfd: Option<&OwnedFd>, e: Error) -> Outcome {
@@ -357,6 +356,7 @@ fn unreadable(pid: i32, pidfd: Option<&OwnedFd>, e: Error) -> Outcome {
     }
 }
 
+/// Whether the process behind `pid` (or the pidfd, when there is one) still exists.
 fn exists(pid: i32, pidfd: Option<&OwnedFd>) -> bool {
     match pidfd {
         Some(fd) => !sys::poll_exited(&[fd.as_fd()], 0)[0],
@@ -502,6 +502,10 @@ pub fn terminate(targets: &[ProcessIdentity], options: &TerminateOptions) -> Vec
     terminate_contained(targets, options, None)
 }
 
+/// The processes pinned or vetted so far, each with whether it may be signalled: one
+/// refused as a group member or a descendant must also keep its cgroup from `cgroup.kill`.
+type Taken = HashMap<i32, bool>;
+
 /// A containment cgroup to end with its targets, and the processes pinned in it.
 struct UnitJob {
     unit: Unit,
@@ -612,9 +616,9 @@ pub fn terminate_contained(
     }
 
     if options.kill_group {
-        let mut taken: HashSet<i32> = jobs
+        let mut taken: Taken = jobs
             .iter()
-            .map(|(_, job)| job.leader.identity.pid.as_raw())
+            .map(|(_, job)| (job.leader.identity.pid.as_raw(), true))
             .collect();
         pin_group_members(&mut jobs, &caller, options, &mut budget, &mut taken);
         pin_descendants(&mut jobs, &caller, options, &mut budget, &mut taken);
@@ -768,8 +772,13 @@ enum Found {
 }
 
 /// Reads `/proc/PID/stat` of a process found by pid: `Err(Found::Gone)` only when no
-/// process has the pid any more; any other failure (EACCES, EMFILE, hidepid) is unknown.
+/// process has the pid any more; any other failure (EACCES, EMFILE, hidepid) is unknown,
+/// and so is a pid that names no process of ours to read (0: `cgroup.procs` lists a
+/// process of another pid namespace so).
 fn read_found(raw: i32) -> Result<Stat, Found> {
+    if Pid::from_kernel(raw).is_none() {
+        return Err(Found::Unknown);
+    }
     Stat::read(raw).map_err(|e| match unreadable(raw, None, e) {
         Outcome::AlreadyGone => Found::Gone,
         _ => Found::Unknown,
@@ -801,25 +810,33 @@ fn pin_as_read(raw: i32, stat: &Stat, budget: &mut Budget) -> Found {
 }
 
 /// Pins every process of every unit that is not pinned already, vetting each like a group
-/// member; one that may not be signalled makes its unit unkillable as a whole.
+/// member; one that may not be signalled (refused here or before, unknown, or not listed)
+/// makes its unit unkillable as a whole.
 fn pin_unit_members(
     units: &mut [UnitJob],
     caller: &Caller,
     options: &TerminateOptions,
     budget: &mut Budget,
-    taken: &mut HashSet<i32>,
+    taken: &mut Taken,
 ) {
     for unit in units.iter_mut() {
-        for raw in unit.unit.procs() {
-            if taken.contains(&raw) {
+        let (procs, complete) = unit.unit.procs_listed();
+        // A process that could not be listed could not be vetted.
+        unit.killable &= complete;
+        for raw in procs {
+            if let Some(&admitted) = taken.get(&raw) {
+                unit.killable &= admitted;
                 continue;
             }
-            let found = read_found(raw).map(|stat| pin_as_read(raw, &stat, budget));
+            let found = match read_found(raw) {
+                Ok(stat) => pin_as_read(raw, &stat, budget),
+                Err(found) => found,
+            };
             let (member, seen) = match found {
-                Ok(Found::Pinned(member, seen)) => (member, seen),
-                Ok(Found::Gone) | Err(Found::Gone) => continue,
+                Found::Pinned(member, seen) => (member, seen),
+                Found::Gone => continue,
                 // Not vetted, yet `cgroup.kill` would reach it.
-                _ => {
+                Found::Unknown => {
                     unit.killable = false;
                     continue;
                 }
@@ -835,12 +852,12 @@ fn pin_unit_members(
             if !inside {
                 continue;
             }
-            if caller.refusal(raw, &seen, options).is_some() {
-                unit.killable = false;
-                continue;
+            let admitted = caller.refusal(raw, &seen, options).is_none();
+            taken.insert(raw, admitted);
+            unit.killable &= admitted;
+            if admitted {
+                unit.members.push(member);
             }
-            taken.insert(raw);
-            unit.members.push(member);
         }
     }
 }
@@ -879,7 +896,7 @@ fn pin_group_members(
     caller: &Caller,
     options: &TerminateOptions,
     budget: &mut Budget,
-    taken: &mut HashSet<i32>,
+    taken: &mut Taken,
 ) {
     let groups: HashMap<i32, usize> = jobs
         .iter()
@@ -890,8 +907,15 @@ fn pin_group_members(
     if groups.is_empty() {
         return;
     }
-    for pid in all_pids() {
-        if taken.contains(&pid) {
+    let Ok(pids) = all_pids() else {
+        // Who is in these groups is unknown: no group signal at all.
+        for &j in groups.values() {
+            jobs[j].1.group = false;
+        }
+        return;
+    };
+    for pid in pids {
+        if taken.contains_key(&pid) {
             continue;
         }
         let stat = match read_found(pid) {
@@ -920,8 +944,9 @@ fn pin_group_members(
         if seen.pgid != stat.pgid {
             continue;
         }
-        taken.insert(pid);
-        if caller.refusal(pid, &seen, options).is_some() {
+        let refused = caller.refusal(pid, &seen, options).is_some();
+        taken.insert(pid, !refused);
+        if refused {
             // Someone in this group is not ours to signal (another user's, the caller's
             // family, a VM): no group signal, and the vetted members one by one.
             jobs[j].1.group = false;
@@ -940,7 +965,7 @@ fn pin_descendants(
     caller: &Caller,
     options: &TerminateOptions,
     budget: &mut Budget,
-    taken: &mut HashSet<i32>,
+    taken: &mut Taken,
 ) {
     for (_, job) in jobs.iter_mut() {
         let mut parents: Vec<i32> = job
@@ -950,7 +975,7 @@ fn pin_descendants(
         let mut found = 0;
         while let Some(parent) = parents.pop() {
             for child in children_of(parent) {
-                if found >= MAX_DESCENDANTS || taken.contains(&child) {
+                if found >= MAX_DESCENDANTS || taken.contains_key(&child) {
                     continue;
                 }
                 let stat = match read_found(child) {
@@ -980,9 +1005,10 @@ fn pin_descendants(
                 if seen.ppid != parent {
                     continue;
                 }
-                taken.insert(child);
+                let refused = caller.refusal(child, &seen, options).is_some();
+                taken.insert(child, !refused);
                 found += 1;
-                if caller.refusal(child, &seen, options).is_some() {
+                if refused {
                     if seen.pgid == job.leader.identity.pid.as_raw() {
                         job.group = false;
                     }
@@ -1063,6 +1089,8 @@ mod tests {
         zombie.wait().unwrap();
         // A pid that is never a target (init): unknown, never "gone".
         assert!(matches!(pin_as_read(1, &stat, &mut budget), Found::Unknown));
+        // 0, as `cgroup.procs` lists a process of another pid namespace: unknown.
+        assert!(matches!(read_found(0), Err(Found::Unknown)));
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -1553,23 +1581,26 @@ while True: time.sleep(1)
         child.wait().unwrap();
     }
 
-    #[test]
-    fn a_cgroup_with_a_process_of_another_user_is_not_killed_as_a_whole() {
+    /// Ends a contained target whose leaf also holds a `sleep 30` of user nobody (in the
+    /// target's process group when `in_target_group`, set before exec; else in its own),
+    /// and checks that our own processes went and the other user's was never signalled.
+    fn end_target_beside_another_users_process(in_target_group: bool) {
         let Some(vm) = crate::test_util::TestVmCgroup::new() else {
             return;
         };
         let (mut child, id, escaped) = spawn_escaper(&vm.0);
-        // A process of nobody, placed in the leaf by hand.
-        let mut other = Command::new("setpriv")
-            .args([
-                "--reuid=nobody",
-                "--regid=nogroup",
-                "--clear-groups",
-                "sleep",
-                "30",
-            ])
-            .spawn()
-            .unwrap();
+        let mut command = Command::new("setpriv");
+        command.args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "sleep",
+            "30",
+        ]);
+        if in_target_group {
+            command.process_group(id.pid.as_raw());
+        }
+        let mut other = command.spawn().unwrap();
         let other_id = ProcessIdentity::of(Pid::new(i64::from(other.id())).unwrap()).unwrap();
         assert!(eventually(Duration::from_secs(5), || {
             ProcessFacts::read(other_id.pid).is_ok_and(|f| f.uid != 0 && f.comm == "sleep")
@@ -1582,9 +1613,23 @@ while True: time.sleep(1)
         assert!(gone_soon(&escaped), "our own members still go, one by one");
         assert!(
             other_id.is_current(),
-            "the other user's process was signalled"
+            "the other user's process was signalled (in the target's group: {in_target_group})"
         );
         assert_eq!(other.try_wait().unwrap(), None);
         reap(&mut [other]);
+    }
+
+    #[test]
+    fn a_cgroup_with_a_process_of_another_user_is_not_killed_as_a_whole() {
+        end_target_beside_another_users_process(false);
+    }
+
+    #[test]
+    fn a_group_member_refused_first_still_keeps_its_cgroup_from_being_killed() {
+        // In the target's group, the other user's process is vetted (and refused) as a
+        // group member before the cgroup's members are: that refusal must keep
+        // `cgroup.kill` from reaching it (it did not when the cgroup pass skipped what the
+        // group pass had seen).
+        end_target_beside_another_users_process(true);
     }
 }
