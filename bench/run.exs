@@ -487,10 +487,10 @@ parent = self()
   Bench.Ticker.measure(fn ->
     owner =
       spawn(fn ->
+        owner = self()
+
         worst =
           Enum.reduce(1..death_n, 0, fn i, worst ->
-            owner = self()
-
             Bench.max_us(worst, fn ->
               :ok = ProcessRegistry.register_worker({:d, i}, owner, nil, "fp", :bench_big)
             end)

@@ -28,18 +28,11 @@ defmodule DSPexProcess.GuardianTest do
   end
 
   test "a port program of this VM is ended once its owner is gone" do
-    script = python()
     parent = self()
 
     owner =
       spawn(fn ->
-        port =
-          Port.open({:spawn_executable, script}, [
-            :binary,
-            args: ["-c", "import time; time.sleep(60)"]
-          ])
-
-        {:os_pid, pid} = Port.info(port, :os_pid)
+        {_port, pid} = start_lingering_python()
         :ok = ProcessRegistry.register_worker({:ours, pid}, self(), pid, "fp_ours")
         send(parent, {:pid, pid})
         receive do: (:never -> :ok)

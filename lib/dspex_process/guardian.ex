@@ -291,15 +291,19 @@ defmodule DSPexProcess.Guardian do
 
   @impl true
   def terminate(reason, state) do
-    :ok = Native.guardian_attach(nil)
-    # Owners that died during the stop may have queued notices after the exit signal.
-    state = take_notices(state)
+    # A crash is not a stop: a restarted guardian takes over, the workers stay. This one
+    # stays attached (its pid dead), so that notices queued meanwhile wait for the next
+    # guardian, which takes them first; detached, they would be dropped.
+    if stop_reason?(reason) do
+      :ok = Native.guardian_attach(nil)
+      # Owners that died during the stop may have queued notices after the exit signal.
+      state = take_notices(state)
 
-    # A crash is not a stop: a restarted guardian takes over, the workers stay.
-    if state.opts[:end_on_stop] and stop_reason?(reason) do
-      end_everything(state)
-      # Empty now: the per-VM cgroup goes (a later start makes it again).
-      Native.containment_stop()
+      if state.opts[:end_on_stop] do
+        end_everything(state)
+        # Empty now: the per-VM cgroup goes (a later start makes it again).
+        Native.containment_stop()
+      end
     end
 
     # The OS guardian stands down: what is left is ended, or a restarted guardian (with a

@@ -1,8 +1,9 @@
 defmodule DSPexProcess.Test.OSProcess do
   @moduledoc """
-  Real OS processes for tests. Every process is started by the test that uses it, owned by
-  a Port (so it exits on stdin EOF when the port closes) and never signalled by anything
-  else.
+  Real OS processes for tests. Every process is started by the test that uses it and owned
+  by a Port; most exit on stdin EOF when the port closes, the lingering ones (as DSPex's
+  bridge) do not. Each is signalled only by its test or by the library under test, always
+  by pid and start time.
   """
 
   @doc """

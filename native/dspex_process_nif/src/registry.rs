@@ -110,20 +110,18 @@ fn wake(sender: Sender, urgency: Urgency) {
     }
 }
 
-/// Queues `notice` when a guardian is attached, and wakes it.
+/// Queues `notice` (a registration, or a read given up on) when a guardian is attached,
+/// and wakes it at once: the OS guard must learn of a registration without delay.
+/// Releases go through [`notify_released`].
 fn notify(sender: Sender, notice: Notice) {
     if guardian().is_none() {
         return;
     }
-    let urgency = match notice {
-        Notice::Released(_) => Urgency::Soon,
-        Notice::Registered { .. } | Notice::Unread { .. } => Urgency::Now,
-    };
     NOTICES
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(notice);
-    wake(sender, urgency);
+    wake(sender, Urgency::Now);
 }
 
 /// Tells the guardian that `released` left a guarded registry. A few releases queued right
@@ -672,8 +670,11 @@ fn stage(
 
 /// Applies every staged registration, oldest first, reading each one's process. Every
 /// registry call does this first, so staging changes no answer: a registration is in its
-/// registry before anything can read or change that registry after it. Cheap when nothing
-/// is staged (one atomic load).
+/// registry before anything can read or change that registry after it. One exception: a
+/// read that fails with the process still there (out of descriptors or memory) leaves that
+/// registration and those after it staged for a retry, and the call that met the failure
+/// answers without them (up to `READ_ATTEMPTS` reads, then it is recorded without a
+/// process). Cheap when nothing is staged (one atomic load).
 pub(crate) fn settle(env: Env) {
     if STAGED_COUNT.load(Ordering::SeqCst) == 0 {
         return;
