@@ -440,7 +440,25 @@ refill.(:bench_fp, ets_fp, n, owners)
     fn id -> Bench.RefRegistry.unregister(ets, id) end
   )
 
-Enum.each(ids, &ProcessRegistry.unregister_worker(&1, :bench_unguarded))
+# What unregistering costs without the release notice (a registry without the guardian),
+# and for an id that is not there (the call and the lookup, no removal): they show where
+# the guarded row's time goes. The ETS table is filled again, untimed, for the first.
+Enum.each(triples, fn {id, o, fp} -> Bench.RefRegistry.register(ets, id, o, py, fp) end)
+
+{unreg_unguarded, unreg_unguarded_ets} =
+  alternate.(
+    ids,
+    fn id -> :ok = ProcessRegistry.unregister_worker(id, :bench_unguarded) end,
+    fn id -> Bench.RefRegistry.unregister(ets, id) end
+  )
+
+{unreg_absent, unreg_absent_ets} =
+  alternate.(
+    ids,
+    fn id -> :ok = ProcessRegistry.unregister_worker(id, :bench_registry) end,
+    fn id -> Bench.RefRegistry.unregister(ets, id) end
+  )
+
 Enum.each(ids, &ProcessRegistry.unregister_worker(&1, :bench_fp))
 :ets.delete_all_objects(ets_fp)
 IO.puts("registry: 10k rows done")
@@ -502,6 +520,31 @@ parent = self()
 
     receive do: ({:registered, worst} -> {owner, worst})
   end)
+
+# The same loop into an ETS table, the row's baseline: on this shared machine the OS may
+# stall a scheduler thread for milliseconds while any process runs (the ticker sees such
+# stalls while idle), and long_schedule is wall time, so a count here tells a stall from a
+# hold.
+death_ets = :ets.new(:bench_death_ets, [:set, :public])
+
+{death_worst_ets, _worst, death_ets_long} =
+  Bench.Ticker.measure(fn ->
+    # A fresh process, as the owner above (the benchmark's own heap is large).
+    spawn(fn ->
+      worst =
+        Enum.reduce(1..death_n, 0, fn i, worst ->
+          Bench.max_us(worst, fn ->
+            Bench.RefRegistry.register(death_ets, {:d, i}, parent, nil, "fp")
+          end)
+        end)
+
+      send(parent, {:inserted, worst})
+    end)
+
+    receive do: ({:inserted, worst} -> worst)
+  end)
+
+:ets.delete(death_ets)
 
 {{death_us, _}, _worst, death_long} =
   Bench.Ticker.measure(fn ->
@@ -582,6 +625,24 @@ rows = [
     "includes the guardian's release notice; baseline: :ets.delete"
   ),
   row.(
+    "unregister_worker, registry without the guardian (median/op)",
+    Bench.fmt_us(unreg_unguarded),
+    Bench.fmt_us(unreg_unguarded_ets),
+    Bench.ratio(unreg_unguarded_ets, unreg_unguarded),
+    "-",
+    true,
+    "no release notice: the entry's removal alone; baseline: :ets.delete"
+  ),
+  row.(
+    "unregister_worker, id not registered (median/op)",
+    Bench.fmt_us(unreg_absent),
+    Bench.fmt_us(unreg_absent_ets),
+    Bench.ratio(unreg_absent_ets, unreg_absent),
+    "-",
+    true,
+    "the call and the lookup, nothing to remove; baseline: :ets.delete of an absent key"
+  ),
+  row.(
     "get_active_python_pids, 10k entries",
     Bench.fmt_us(active),
     Bench.fmt_us(active_ets),
@@ -638,7 +699,7 @@ rows = [
   row.(
     "one owner registers 300k workers, one fingerprint (worst call)",
     Bench.fmt_us(death_worst_reg),
-    "-",
+    "#{Bench.fmt_us(death_worst_ets)}, #{length(death_ets_long)} long_schedule (ETS inserts)",
     "",
     "no long_schedule (> 5 ms)",
     death_reg_long == [],
