@@ -357,6 +357,11 @@ ets_insert = fn {id, o, fp} -> Bench.RefRegistry.register(ets, id, o, nil, fp) e
     fn {id, o, fp} -> :ok = ProcessRegistry.register_worker(id, o, py, fp, :bench_unguarded) end
   )
 
+# The baseline of unregistering from :bench_unguarded, filled (untimed) right after it, as
+# `ets` was filled alongside :bench_registry: both sides' entries are as old when deleted.
+ets_unguarded = Bench.RefRegistry.new(:bench_ets_unguarded)
+Enum.each(triples, fn {id, o, fp} -> Bench.RefRegistry.register(ets_unguarded, id, o, py, fp) end)
+
 {look, look_ets} =
   alternate.(
     ids,
@@ -442,14 +447,12 @@ refill.(:bench_fp, ets_fp, n, owners)
 
 # What unregistering costs without the release notice (a registry without the guardian),
 # and for an id that is not there (the call and the lookup, no removal): they show where
-# the guarded row's time goes. The ETS table is filled again, untimed, for the first.
-Enum.each(triples, fn {id, o, fp} -> Bench.RefRegistry.register(ets, id, o, py, fp) end)
-
+# the guarded row's time goes.
 {unreg_unguarded, unreg_unguarded_ets} =
   alternate.(
     ids,
     fn id -> :ok = ProcessRegistry.unregister_worker(id, :bench_unguarded) end,
-    fn id -> Bench.RefRegistry.unregister(ets, id) end
+    fn id -> Bench.RefRegistry.unregister(ets_unguarded, id) end
   )
 
 {unreg_absent, unreg_absent_ets} =
@@ -521,11 +524,11 @@ parent = self()
     receive do: ({:registered, worst} -> {owner, worst})
   end)
 
-# The same loop into an ETS table, the row's baseline: on this shared machine the OS may
-# stall a scheduler thread for milliseconds while any process runs (the ticker sees such
-# stalls while idle), and long_schedule is wall time, so a count here tells a stall from a
-# hold.
-death_ets = :ets.new(:bench_death_ets, [:set, :public])
+# The same loop into an ETS table, the row's baseline, run after it: on this shared machine
+# the OS may stall a scheduler thread for milliseconds while any process runs (the ticker
+# sees such stalls while idle), and long_schedule is wall time. The baseline shows how
+# large such stalls are in this run; it does not tell what happened during our loop.
+death_ets = Bench.RefRegistry.new(:bench_death_ets)
 
 {death_worst_ets, _worst, death_ets_long} =
   Bench.Ticker.measure(fn ->
