@@ -364,6 +364,34 @@ defmodule DSPexProcess.AdversarialTest do
     end
   end
 
+  describe "a scan out of descriptors" do
+    test "dspex-proc says /proc could not be read and ends nothing; with descriptors it ends them",
+         %{pattern: pattern, cli: cli} do
+      orphans = make_orphans(2, pattern)
+      cleanup = ["cleanup", "--yes", "--grace", "300", "--pattern", pattern]
+
+      # Four descriptors: stdin, stdout, stderr and one more. Listing /proc takes it; then
+      # a scan thread opening /proc or a cmdline is out of descriptors (EMFILE).
+      starved = """
+      import os, resource, sys
+      resource.setrlimit(resource.RLIMIT_NOFILE, (4, 4))
+      os.execv(sys.argv[1], sys.argv[1:])
+      """
+
+      {out, status} = System.cmd(python(), ["-c", starved, cli | cleanup], stderr_to_stdout: true)
+
+      assert status == 71, out
+      assert out =~ "could not read /proc in full", out
+      refute out =~ "No orphaned processes", out
+      refute out =~ "panicked", out
+      assert all_alive?(orphans), "a scan that failed ended something"
+
+      {out, status} = System.cmd(cli, cleanup, stderr_to_stdout: true)
+      assert status == 0, out
+      assert eventually(fn -> all_gone?(orphans) end), out
+    end
+  end
+
   describe "item 10: exec under PID 1" do
     test "dspex-proc exec whose parent is PID 1 from the start runs the command", %{cli: cli} do
       unshare = System.find_executable("unshare") || flunk("unshare (util-linux) is needed")

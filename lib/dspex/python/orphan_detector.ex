@@ -21,6 +21,11 @@ defmodule DSPex.Python.OrphanDetector do
   read back from `/proc/PID/environ`. They make ownership outlive the owner's memory: a
   BEAM started after a crash, or the CLI, can tell whose worker a process is.
 
+  A scan that cannot read `/proc` in full for want of descriptors or memory (EMFILE,
+  ENFILE, ENOMEM) raises a `RuntimeError` that says so, from every function that scans:
+  what it did not read may hold orphans or workers, so it reports nothing as found and
+  ends nothing. (`dspex-proc` exits with status 71 for the same reason.)
+
   ## Cgroups of dead VMs
 
   With cgroup containment (see `DSPexProcess.Guardian`), every registered process lives in
@@ -464,6 +469,10 @@ defmodule DSPex.Python.OrphanDetector do
         )
 
         detections
+
+      {:error, {:proc_unreadable, message}} ->
+        raise RuntimeError,
+              "could not read /proc in full (#{message}): nothing was classified or ended"
 
       {:error, reason} ->
         raise ArgumentError, "invalid :pattern (#{reason})"

@@ -220,8 +220,9 @@ pub struct Detection {
     pub age_ms: u64,
 }
 
-/// Scans `/proc` for `pattern` and classifies every match as seen from `view`.
-pub fn detect(pattern: &Pattern, view: Viewpoint) -> Vec<Detection> {
+/// Scans `/proc` for `pattern` and classifies every match as seen from `view`. An error
+/// when `/proc` could not be read in full (see [`scan`]).
+pub fn detect(pattern: &Pattern, view: Viewpoint) -> std::io::Result<Vec<Detection>> {
     let ticks = procfs::ticks_per_second();
     let min_age_ms = u64::try_from(view.min_age.as_millis()).unwrap_or(u64::MAX);
     let ctx = Context {
@@ -231,7 +232,7 @@ pub fn detect(pattern: &Pattern, view: Viewpoint) -> Vec<Detection> {
         view,
     };
     let mut lookup = ProcLookup::default();
-    scan(pattern)
+    Ok(scan(pattern)?
         .into_iter()
         .map(|candidate| {
             let class = classify(&candidate, &ctx, &mut lookup);
@@ -242,7 +243,7 @@ pub fn detect(pattern: &Pattern, view: Viewpoint) -> Vec<Detection> {
                 age_ms,
             }
         })
-        .collect()
+        .collect())
 }
 
 /// What is known of the BEAM a marker names.
@@ -659,6 +660,7 @@ mod tests {
         let pattern = Pattern::new(&[tag.as_str()]).unwrap();
         let class = || {
             detect(&pattern, Viewpoint::default())
+                .unwrap()
                 .first()
                 .map(|d| d.class)
         };
@@ -689,9 +691,9 @@ mod tests {
             .collect();
         // Our children, unmarked, parent alive and not a BEAM: unmanaged, whatever the age.
         assert!(crate::test_util::eventually(Duration::from_secs(5), || {
-            detect(&pattern, Viewpoint::default()).len() == 2
+            detect(&pattern, Viewpoint::default()).unwrap().len() == 2
         }));
-        let found = detect(&pattern, Viewpoint::default());
+        let found = detect(&pattern, Viewpoint::default()).unwrap();
         assert!(
             found.iter().all(|d| d.class == Class::Unmanaged),
             "{found:?}"
@@ -706,7 +708,7 @@ mod tests {
             }]),
             ..Viewpoint::default()
         };
-        let found = detect(&pattern, view);
+        let found = detect(&pattern, view).unwrap();
         let class_of = |pid: Pid| {
             found
                 .iter()

@@ -236,26 +236,42 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// Reads one process. `None` when it is gone or its argv does not (or no longer)
-    /// match the pattern: any argument for a process with markers, the program (see
-    /// [`Pattern::matches_program`]) for one without.
-    pub fn read(pid: Pid, pattern: &Pattern) -> Option<Candidate> {
-        let facts = ProcessFacts::read(pid).ok()?;
+    /// Reads one process. `None` when it is gone, may not be read (another user's, under
+    /// hidepid), or its argv does not (or no longer) match the pattern: any argument for a
+    /// process with markers, the program (see [`Pattern::matches_program`]) for one
+    /// without. An error when a read failed for want of descriptors or memory: that says
+    /// nothing about the process.
+    pub fn read(pid: Pid, pattern: &Pattern) -> std::io::Result<Option<Candidate>> {
+        match Candidate::read_facts(pid, pattern) {
+            Ok(found) => Ok(found),
+            Err(e) => {
+                let io = std::io::Error::from_raw_os_error(e.errno());
+                if crate::sys::is_exhaustion(&io) {
+                    Err(io)
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    fn read_facts(pid: Pid, pattern: &Pattern) -> Result<Option<Candidate>> {
+        let facts = ProcessFacts::read(pid)?;
         // A VM is never a worker, even when a worker's script path is among its arguments;
         // nor is any of the library's own tools (a cleaner's `--pattern P`).
         if crate::proc_facts::is_beam(&facts.comm) || is_own_tool(&facts.comm, &facts.cmdline) {
-            return None;
+            return Ok(None);
         }
         // Exited processes have no argv left to match; scan() only reaches them in the
         // instant between its cmdline read and this one.
         let exited = facts.has_exited();
         if !exited && !pattern.matches_cmdline(&facts.cmdline) {
-            return None;
+            return Ok(None);
         }
         let markers = match Markers::read(pid) {
             Ok(Some(m)) => MarkerRead::Present(m),
             Ok(None) => MarkerRead::Absent,
-            Err(Error::NoSuchProcess(_)) => return None,
+            Err(Error::NoSuchProcess(_)) => return Ok(None),
             Err(_) => MarkerRead::Unreadable,
         };
         // Without markers, naming the pattern is not enough: it must be the program.
@@ -263,29 +279,31 @@ impl Candidate {
             && !matches!(markers, MarkerRead::Present(_))
             && !pattern.matches_program(&facts.cmdline)
         {
-            return None;
+            return Ok(None);
         }
         // The environment was read by path: make sure the pid still names the same process.
-        if ProcessFacts::read_start_time(pid).ok()? != facts.start_time {
-            return None;
+        if ProcessFacts::read_start_time(pid)? != facts.start_time {
+            return Ok(None);
         }
-        Some(Candidate { facts, markers })
+        Ok(Some(Candidate { facts, markers }))
     }
 }
 
 /// Every live process whose argv matches `pattern`. Processes that vanish while being
-/// read are skipped; so are kernel threads and processes still inside `exec` (empty argv).
+/// read are skipped; so are kernel threads, processes still inside `exec` (empty argv) and
+/// those whose `/proc` files may not be read (another user's, under hidepid).
 /// The caller and its ancestors are never candidates, even when their argv holds the
 /// pattern (`dspex-proc find --pattern x.py`, a script that passes it on).
 ///
+/// An error when `/proc` could not be read in full for want of descriptors or memory
+/// (EMFILE, ENFILE, ENOMEM): what it did not read may hold matches, so no partial list is
+/// returned as if it were all of them.
+///
 /// Reading every `/proc/PID/cmdline` is the whole cost of a scan, so the pids are split
 /// across the machine's cores.
-pub fn scan(pattern: &Pattern) -> Vec<Candidate> {
+pub fn scan(pattern: &Pattern) -> std::io::Result<Vec<Candidate>> {
     let caller = crate::ancestry::caller_and_ancestors();
-    // A /proc that cannot be listed in full (out of descriptors) yields no candidates, so
-    // nothing is ended from it; the report then says none were found (a known gap).
-    let pids: Vec<i32> = all_pids()
-        .unwrap_or_default()
+    let pids: Vec<i32> = all_pids()?
         .into_iter()
         .filter(|pid| *pid > 1 && !caller.contains(pid))
         .collect();
@@ -303,22 +321,27 @@ pub fn scan(pattern: &Pattern) -> Vec<Candidate> {
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_default())
-            .collect()
+        let mut found = Vec::new();
+        for worker in workers {
+            let part = worker
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("a scan thread panicked")));
+            found.extend(part?);
+        }
+        Ok(found)
     })
 }
 
-fn scan_pids(pids: &[i32], pattern: &Pattern) -> Vec<Candidate> {
-    let Ok(proc_dir) = std::fs::File::open("/proc") else {
-        return Vec::new();
-    };
+fn scan_pids(pids: &[i32], pattern: &Pattern) -> std::io::Result<Vec<Candidate>> {
+    let proc_dir = std::fs::File::open("/proc")?;
     let mut buf = vec![0u8; 8192];
     let mut found = Vec::new();
     for &raw in pids {
-        let Some(mut file) = open_cmdline(&proc_dir, raw) else {
-            continue;
+        let mut file = match open_cmdline(&proc_dir, raw) {
+            Ok(file) => file,
+            Err(e) if crate::sys::is_exhaustion(&e) => return Err(e),
+            // Gone, or not ours to read.
+            Err(_) => continue,
         };
         // One read returns the whole argv unless it is longer than the buffer.
         let Ok(len) = file.read(&mut buf) else {
@@ -335,22 +358,20 @@ fn scan_pids(pids: &[i32], pattern: &Pattern) -> Vec<Candidate> {
             let mut long = buf.clone();
             file.read_to_end(&mut long).is_ok() && pattern.matches_cmdline(&long)
         };
+        drop(file);
         if !matched {
             continue;
         }
-        if let Some(candidate) = Pid::new(i64::from(raw))
-            .ok()
-            .and_then(|pid| Candidate::read(pid, pattern))
-        {
-            found.push(candidate);
+        if let Ok(pid) = Pid::new(i64::from(raw)) {
+            found.extend(Candidate::read(pid, pattern)?);
         }
     }
-    found
+    Ok(found)
 }
 
 /// Opens `PID/cmdline` relative to an open `/proc`, sparing the kernel the walk from `/`
 /// for each of the thousand files of a scan.
-fn open_cmdline(proc_dir: &std::fs::File, pid: i32) -> Option<std::fs::File> {
+fn open_cmdline(proc_dir: &std::fs::File, pid: i32) -> std::io::Result<std::fs::File> {
     crate::sys::open_read_at(proc_dir, &format!("{pid}/cmdline"))
 }
 
@@ -442,6 +463,7 @@ mod tests {
         let pattern = Pattern::new(&[&name]).unwrap();
         let found = eventually(Duration::from_secs(5), || {
             scan(&pattern)
+                .unwrap()
                 .iter()
                 .any(|c| c.facts.pid.as_raw() == child.id() as i32)
         });
@@ -461,8 +483,9 @@ mod tests {
             Stat::read(pid).is_ok_and(|s| s.leader_exited())
         }));
         let pattern = Pattern::new(&[tag.as_str()]).unwrap();
-        let found = scan(&pattern);
-        let classes = crate::classify::detect(&pattern, crate::classify::Viewpoint::default());
+        let found = scan(&pattern).unwrap();
+        let classes =
+            crate::classify::detect(&pattern, crate::classify::Viewpoint::default()).unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
@@ -491,6 +514,7 @@ mod tests {
         let want: std::collections::HashSet<i32> = children.iter().map(|c| c.id() as i32).collect();
         let found = || -> std::collections::HashSet<i32> {
             scan(&pattern)
+                .unwrap()
                 .iter()
                 .map(|c| c.facts.pid.as_raw())
                 .collect()
@@ -502,6 +526,6 @@ mod tests {
             c.wait().unwrap();
         }
         assert_eq!(got, want);
-        assert!(scan(&pattern).is_empty());
+        assert!(scan(&pattern).unwrap().is_empty());
     }
 }

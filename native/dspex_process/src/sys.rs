@@ -116,11 +116,20 @@ pub(crate) fn try_lock_exclusive(file: &impl AsFd) -> bool {
 }
 
 /// Opens `path` read-only relative to the directory `dir`.
-pub(crate) fn open_read_at(dir: &impl AsFd, path: &str) -> Option<std::fs::File> {
+pub(crate) fn open_read_at(dir: &impl AsFd, path: &str) -> std::io::Result<std::fs::File> {
     use rustix::fs::{Mode, OFlags};
     rustix::fs::openat(dir, path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-        .ok()
         .map(std::fs::File::from)
+        .map_err(std::io::Error::from)
+}
+
+/// Whether `e` says the process ran out of a resource (descriptors, memory) rather than
+/// anything about the file: a read that failed so says nothing of what it would have read.
+pub(crate) fn is_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    )
 }
 
 /// Whether this process may write `path` (`access(2)` with `W_OK`).
@@ -153,8 +162,13 @@ mod tests {
         assert!(!pid_exists(0));
         assert!(nofile_soft_limit() > 0);
         let dir = std::fs::File::open("/proc").unwrap();
-        assert!(open_read_at(&dir, &format!("{me}/stat")).is_some());
-        assert!(open_read_at(&dir, "no-such-entry").is_none());
+        assert!(open_read_at(&dir, &format!("{me}/stat")).is_ok());
+        let missing = open_read_at(&dir, "no-such-entry").unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+        assert!(!is_exhaustion(&missing));
+        assert!(is_exhaustion(&std::io::Error::from_raw_os_error(
+            libc::EMFILE
+        )));
     }
 
     #[test]

@@ -23,6 +23,8 @@ use std::time::Duration;
 static OUTPUT_FAILED: AtomicBool = AtomicBool::new(false);
 /// Exit code when only the report could not be written.
 const EXIT_OUTPUT_FAILED: u8 = 74;
+/// `/proc` could not be read in full (EX_OSERR).
+const EXIT_PROC_UNREADABLE: u8 = 71;
 
 /// `println!` that never panics: a failed write (`> /dev/full`, a closed pipe) is noted
 /// once on stderr and in the exit code, and everything else goes on.
@@ -52,6 +54,8 @@ Exit codes:
   1    status/find: orphans exist; cleanup: at least one target could not be ended
   2    bad arguments (usage is printed)
   3    cleanup not confirmed (no --yes and no terminal to ask, or the answer was not y)
+  71   /proc could not be read in full (out of descriptors or memory): nothing was
+       classified, nothing was ended
   74   the work was done but its report could not be written to stdout (a full disk,
        a closed pipe); 1, 2 and 3 take precedence. Output errors never stop a cleanup.
   125  exec: the parent died before the death signal was armed (or the owner BEAM named
@@ -251,9 +255,13 @@ fn shown(sel: &Selection) -> Vec<String> {
 }
 
 /// Classifies as the CLI sees it: no BEAM of its own, no registry. Markers and ancestry
-/// decide.
-fn detect(pattern: &Pattern) -> Vec<Detection> {
-    classify::detect(pattern, Viewpoint::default())
+/// decide. When `/proc` cannot be read in full, says so and gives the exit code: nothing
+/// is reported as found, and nothing is ended.
+fn detect(pattern: &Pattern) -> Result<Vec<Detection>, u8> {
+    classify::detect(pattern, Viewpoint::default()).map_err(|e| {
+        err!("dspex-proc: could not read /proc in full ({e}): nothing was classified or ended");
+        EXIT_PROC_UNREADABLE
+    })
 }
 
 /// The reason to act on a detection, if it is a target.
@@ -392,7 +400,10 @@ fn status(sel: &Selection, json: bool) -> u8 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let detections = detect(&pattern);
+    let detections = match detect(&pattern) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
     let in_cgroups = cgroup::cgroup_orphans(&sel.cgroups(cgroup::dead_vm_cgroups));
     let targets = targets(sel, &detections, &in_cgroups);
     let counts = class_counts(&detections, &targets);
@@ -432,7 +443,10 @@ fn find(sel: &Selection, json: bool) -> u8 {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let detections = detect(&pattern);
+    let detections = match detect(&pattern) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
     let in_cgroups = cgroup::cgroup_orphans(&sel.cgroups(cgroup::dead_vm_cgroups));
     let targets = targets(sel, &detections, &in_cgroups);
     if json {
@@ -509,7 +523,10 @@ fn cleanup(args: &CleanupArgs, json: bool) -> u8 {
             shown(sel).join(", ")
         );
     }
-    let detections = detect(&pattern);
+    let detections = match detect(&pattern) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
     let dead_vms = sel.cgroups(cgroup::dead_vm_cgroups);
     let in_cgroups = cgroup::cgroup_orphans(&dead_vms);
     let targets = targets(sel, &detections, &in_cgroups);

@@ -7,12 +7,12 @@ use dspex_process::classify::{self, Class, Viewpoint};
 use dspex_process::policy;
 use dspex_process::scan::{MarkerRead, Pattern};
 use dspex_process::{Pid, ProcessIdentity};
-use rustler::{Atom, Binary, Env, NifMap, ResourceArc};
+use rustler::{Atom, Binary, Encoder, Env, NifMap, ResourceArc, Term};
 use std::collections::HashSet;
 use std::time::Duration;
 
 mod atoms {
-    rustler::atoms! { invalid_pattern }
+    rustler::atoms! { invalid_pattern, proc_unreadable }
 }
 
 #[derive(NifMap)]
@@ -96,6 +96,8 @@ impl SelectionArg {
 
 /// Scans for `patterns` and classifies every match as seen from this VM: the live workers
 /// of every running registry and the OS processes of this VM's open ports are in use.
+/// `{:error, :invalid_pattern}`, or `{:error, {:proc_unreadable, message}}` when `/proc`
+/// could not be read in full (out of descriptors or memory): then nothing is classified.
 #[rustler::nif(schedule = "DirtyIo")]
 fn detect<'a>(
     env: Env<'a>,
@@ -104,11 +106,11 @@ fn detect<'a>(
     patterns: Vec<Binary>,
     min_age_ms: u64,
     selection: SelectionArg,
-) -> Result<Vec<Detected>, Atom> {
+) -> Result<Vec<Detected>, Term<'a>> {
     let selection = selection.into_policy();
     let pattern = match Pattern::new(&patterns.iter().map(|b| b.as_slice()).collect::<Vec<_>>()) {
         Ok(p) => p,
-        Err(_) => return Err(atoms::invalid_pattern()),
+        Err(_) => return Err(atoms::invalid_pattern().encode(env)),
     };
     let registered: HashSet<ProcessIdentity> =
         registries.iter().flat_map(|r| r.live_python(env)).collect();
@@ -121,7 +123,9 @@ fn detect<'a>(
             .collect(),
         min_age: Duration::from_millis(min_age_ms),
     };
-    let out: Vec<Detected> = classify::detect(&pattern, view)
+    let detections = classify::detect(&pattern, view)
+        .map_err(|e| (atoms::proc_unreadable(), e.to_string()).encode(env))?;
+    let out: Vec<Detected> = detections
         .into_iter()
         .map(|d| {
             let facts = d.candidate.facts;
