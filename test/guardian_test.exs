@@ -27,6 +27,44 @@ defmodule DSPexProcess.GuardianTest do
     refute {pid, start} in DSPexProcess.Guardian.status().pending
   end
 
+  test "a guardian killed more often than its supervisor allows is detached when the application stops" do
+    # In a VM of its own: the application must go down for good. Four kills in a row exceed
+    # the supervisor's three restarts in five seconds; a killed guardian stays attached (for
+    # a successor that never comes). A registration with a live guardian attached is staged
+    # (its /proc read left to the guardian); without one, it is read at once.
+    code = """
+    Application.put_env(:dspex_process, :guardian, os_guardian: false, containment: :none)
+    {:ok, _} = Application.ensure_all_started(:dspex_process)
+
+    for _ <- 1..4 do
+      case Process.whereis(DSPexProcess.Guardian) do
+        nil ->
+          :ok
+
+        g ->
+          ref = Process.monitor(g)
+          Process.exit(g, :kill)
+          receive do: ({:DOWN, ^ref, _, _, _} -> :ok)
+          Process.sleep(50)
+      end
+    end
+
+    stopped = fn -> not List.keymember?(Application.started_applications(), :dspex_process, 0) end
+    Enum.find(1..100, fn _ -> stopped.() or (Process.sleep(20) && false) end)
+    IO.puts("STOPPED \#{stopped.()}")
+    port = Port.open({:spawn_executable, System.find_executable("sleep")}, args: ["30"])
+    {:os_pid, os} = Port.info(port, :os_pid)
+    :ok = DSPex.Python.ProcessRegistry.register_worker("after_stop", self(), os, "fp")
+    IO.puts("STAGED \#{DSPexProcess.Native.registry_staged()}")
+    System.cmd("kill", [to_string(os)])
+    """
+
+    ebin = List.to_string(:code.lib_dir(:dspex_process, :ebin))
+    {out, 0} = System.cmd(System.find_executable("elixir"), ["-pa", ebin, "-e", code])
+    assert out =~ "STOPPED true", out
+    assert out =~ "STAGED 0", out
+  end
+
   test "a port program of this VM is ended once its owner is gone" do
     parent = self()
 
@@ -54,7 +92,9 @@ defmodule DSPexProcess.GuardianTest do
     for {pid, _} <- ids,
         do: :ok = ProcessRegistry.register_worker({:burst, tag, pid}, self(), pid, "fp_#{tag}")
 
-    # The registrations reached the guardian before the releases.
+    # Most likely the guardian takes the registrations first (a status call waits for the
+    # messages already in its mailbox), so the releases below queue, and join, on their own;
+    # the one notice queue keeps them after the registrations either way.
     _ = DSPexProcess.Guardian.status()
     for {pid, _} <- ids, do: :ok = ProcessRegistry.unregister_worker({:burst, tag, pid})
     # A released process held by an open port is waited on until the port closes; these

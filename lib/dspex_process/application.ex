@@ -38,4 +38,13 @@ defmodule DSPexProcess.Application do
 
     Supervisor.start_link(children, strategy: :one_for_one, name: DSPexProcess.Supervisor)
   end
+
+  # The tree is gone, however it went (a stop, or a guardian that crashed more often than
+  # its supervisor allows): no guardian is coming back. A crashed guardian stays attached
+  # for its successor (see `DSPexProcess.Guardian`), so detach here, or registries that
+  # outlive the application would queue notices for a dead pid until the VM stops.
+  @impl true
+  def stop(_state) do
+    :ok = DSPexProcess.Native.guardian_attach(nil)
+  end
 end

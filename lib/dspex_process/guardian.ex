@@ -293,7 +293,9 @@ defmodule DSPexProcess.Guardian do
   def terminate(reason, state) do
     # A crash is not a stop: a restarted guardian takes over, the workers stay. This one
     # stays attached (its pid dead), so that notices queued meanwhile wait for the next
-    # guardian, which takes them first; detached, they would be dropped.
+    # guardian, which takes them first; detached, they would be dropped. (Releases this one
+    # had already taken and was waiting out are lost with it: the successor does not know
+    # them. If no successor comes, `DSPexProcess.Application.stop/1` detaches.)
     if stop_reason?(reason) do
       :ok = Native.guardian_attach(nil)
       # Owners that died during the stop may have queued notices after the exit signal.
