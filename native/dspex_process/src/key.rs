@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 /// The most bytes kept inline: with the tag and the length, a key is three words, the
 /// size of the index records it is copied into.
-pub const INLINE_KEY: usize = 22;
+pub(crate) const INLINE_KEY: usize = 22;
 
 /// The bytes of a registry key (the NIF's encoding of a worker id). Up to
-/// [`INLINE_KEY`] bytes live in the key itself, so a lookup compares them where the hash
+/// 22 bytes (`INLINE_KEY`) live in the key itself, so a lookup compares them where the hash
 /// table's slot is, without following a pointer, and the key allocates nothing; longer
 /// ones are shared on the heap (the entry and its index records hold one copy).
 ///

@@ -61,8 +61,8 @@ pub struct RegistryStats {
 /// scheduler; the set itself grows a part at a time, see [`SplitSet`]):
 /// - a lone key that left is replaced by the new one;
 /// - a set of keys is swept [`SWEEP_PER_ADD`] positions per registration, round robin. A
-///   pass over a set of S keys takes at most S / 3 registrations (each adds at most one key
-///   behind the sweep), and what it leaves is the keys found live plus those added
+///   pass over a set of S keys takes at most S / 3 registrations (each checks four keys
+///   and adds at most one the pass may still have to check), and what it leaves is the keys found live plus those added
 ///   meanwhile: the set stays within about 1.5 times the most keys the owner had at once
 ///   (with two checks per registration it did not: a worker replaced before the old one is
 ///   unregistered made it grow without end).
@@ -198,7 +198,7 @@ const SHARDS: usize = 256;
 /// belong to `o` (and no entry comes to `o` without that lock). So `o`'s record names every
 /// key of `o` until `o` dies, and `o`'s death removes them all. It may also name keys that
 /// left `o` (unregistered, or registered by another owner): `o`'s death skips them, and
-/// [`Keys`] keeps their number bounded. (An owner already dead when it
+/// the record (`Keys`) keeps their number bounded. (An owner already dead when it
 /// registers gets no record: its entries are kept as dead and leave through
 /// [`Registry::remove_dead`] or [`Registry::remove_if_dead`].) Every change to the fingerprint index
 /// is made while the entry's shard in `entries` is write-locked, so the index names key `k`
@@ -359,7 +359,7 @@ where
     }
 
     /// Removes `key`; returns the registry's own key and the entry that were there. The
-    /// key stays in its owner's record (see [`Keys`]).
+    /// key stays in its owner's record (see `Keys`).
     pub fn remove<Q>(&self, key: &Q) -> Option<(K, WorkerEntry<O>)>
     where
         K: Borrow<Q>,

@@ -16,15 +16,15 @@ const _: () = assert!(PARTS == 1 << 8, "a part is chosen by the hash's top byte"
 /// rehashes all its keys when it outgrows its table: at 229,376 keys, one registration
 /// held a VM scheduler for 14–18 ms per set (one owner or one fingerprint with that many
 /// workers; the benchmark's row "one owner registers 300k workers" saw 30.74 ms).
-/// Up to [`SPLIT_AT`] keys this is one `IndexSet`; past that, the keys are moved once
-/// into [`PARTS`] of them (a bounded move), each of which then grows on its own, so a
-/// growth rehashes about a 256th of the set. A split set is never merged back (a record
-/// that shrinks keeps its 256 parts, a few KB, until its owner or fingerprint goes).
+/// Up to `SPLIT` keys ([`SPLIT_AT`] but in tests) this is one `IndexSet`; past that, the
+/// keys are moved once into [`PARTS`] of them (a bounded move), each of which then grows
+/// on its own, so a growth rehashes about a 256th of the set. A split set is never merged
+/// back, and its parts never shrink: a record that shrinks keeps 16 KB of parts and the
+/// tables of its largest size until its owner or fingerprint goes.
 #[derive(Debug)]
-pub(crate) struct SplitSet<K> {
+pub(crate) struct SplitSet<K, const SPLIT: usize = SPLIT_AT> {
     parts: Vec<Part<K>>,
     len: usize,
-    split_at: usize,
     /// Chooses a key's part, with a seed of its own (not a part's, whose buckets would then
     /// all share the bits that chose the part).
     chooser: foldhash::fast::RandomState,
@@ -33,23 +33,17 @@ pub(crate) struct SplitSet<K> {
 }
 
 /// Where a sweep of a [`SplitSet`] resumes: a part and a position in it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default)]
 struct SweepCursor {
     part: usize,
     position: usize,
 }
 
-impl<K: Eq + Hash> SplitSet<K> {
+impl<K: Eq + Hash, const SPLIT: usize> SplitSet<K, SPLIT> {
     pub(crate) fn new() -> Self {
-        Self::with_split_at(SPLIT_AT)
-    }
-
-    /// A set that splits past `split_at` keys (tests use small ones).
-    pub(crate) fn with_split_at(split_at: usize) -> Self {
         SplitSet {
             parts: vec![Part::default()],
             len: 0,
-            split_at,
             chooser: foldhash::fast::RandomState::default(),
             cursor: SweepCursor::default(),
         }
@@ -65,7 +59,7 @@ impl<K: Eq + Hash> SplitSet<K> {
 
     /// Adds `key`; returns whether it was not there.
     pub(crate) fn insert(&mut self, key: K) -> bool {
-        if self.parts.len() == 1 && self.len >= self.split_at {
+        if self.parts.len() == 1 && self.len >= SPLIT {
             self.split();
         }
         let part = self.part_of(&key);
@@ -118,7 +112,7 @@ impl<K: Eq + Hash> SplitSet<K> {
     /// present then is checked once. (Mid-pass, a key may be checked twice and another
     /// later: a removal before the cursor's wrap point pulls a key already checked into
     /// its place.)
-    pub(crate) fn sweep(&mut self, checks: usize, keep: impl Fn(&K) -> bool) {
+    pub(crate) fn sweep(&mut self, checks: usize, mut keep: impl FnMut(&K) -> bool) {
         let cursor = &mut self.cursor;
         for _ in 0..checks {
             if self.len == 0 {
@@ -153,7 +147,7 @@ impl<K: Eq + Hash> SplitSet<K> {
     }
 }
 
-impl<K: Eq + Hash> FromIterator<K> for SplitSet<K> {
+impl<K: Eq + Hash, const SPLIT: usize> FromIterator<K> for SplitSet<K, SPLIT> {
     fn from_iter<I: IntoIterator<Item = K>>(keys: I) -> Self {
         let mut set = SplitSet::new();
         for key in keys {
@@ -189,20 +183,19 @@ mod tests {
         /// sweep drops exactly the keys it refuses among those it checks.
         #[test]
         fn answers_as_a_plain_set(ops in proptest::collection::vec(op(), 1..400)) {
-            let mut set = SplitSet::with_split_at(64);
+            let mut set = SplitSet::<u16, 64>::new();
             let mut model = HashSet::new();
             for op in ops {
                 match op {
                     Op::Insert(k) => prop_assert_eq!(set.insert(k), model.insert(k)),
                     Op::Remove(k) => prop_assert_eq!(set.remove(&k), model.remove(&k)),
                     Op::Sweep(checks, m) => {
-                        let checked = std::cell::Cell::new(0);
-                        let keep = |k: &u16| {
-                            checked.set(checked.get() + 1);
+                        let mut checked = 0;
+                        set.sweep(usize::from(checks), |k| {
+                            checked += 1;
                             k % m != 0
-                        };
-                        set.sweep(usize::from(checks), keep);
-                        prop_assert!(checked.get() <= usize::from(checks));
+                        });
+                        prop_assert!(checked <= usize::from(checks));
                         let kept: HashSet<u16> = set.iter().copied().collect();
                         let dropped: Vec<u16> = model.difference(&kept).copied().collect();
                         prop_assert!(dropped.iter().all(|k| k % m == 0), "{:?}", dropped);
@@ -228,55 +221,53 @@ mod tests {
         assert_eq!(set.into_keys().count(), 299_999);
     }
 
+    /// Runs `calls` sweeps of four checks each; returns the keys checked, in order.
+    fn sweep_recording<const SPLIT: usize>(
+        set: &mut SplitSet<u32, SPLIT>,
+        calls: usize,
+        keep: impl Fn(u32) -> bool,
+    ) -> Vec<u32> {
+        let mut seen = Vec::new();
+        for _ in 0..calls {
+            set.sweep(4, |k| {
+                seen.push(*k);
+                keep(*k)
+            });
+        }
+        seen
+    }
+
     #[test]
     fn a_sweep_visits_every_key_in_turn() {
-        let mut set: SplitSet<u32> = SplitSet::with_split_at(16);
-        for k in 0..1_000 {
-            set.insert(k);
-        }
+        let mut set: SplitSet<u32, 16> = (0..1_000).collect();
         // Dropping everything, four checks at a time, empties it in 250 calls.
-        for _ in 0..250 {
-            set.sweep(4, |_| false);
-        }
+        sweep_recording(&mut set, 250, |_| false);
         assert!(set.is_empty());
         set.sweep(4, |_| false);
-        // Keeping everything, a full round of checks comes back to the first key.
+        // Keeping everything, every key is checked within two rounds of checks.
         for k in 0..100 {
             set.insert(k);
         }
-        let seen = std::cell::RefCell::new(Vec::new());
-        for _ in 0..50 {
-            set.sweep(4, |k| {
-                seen.borrow_mut().push(*k);
-                true
-            });
-        }
-        let seen = seen.into_inner();
+        let seen = sweep_recording(&mut set, 50, |_| true);
         let distinct: HashSet<u32> = seen.iter().copied().collect();
-        assert_eq!(distinct.len(), 100, "every key checked within a round");
+        assert_eq!(distinct.len(), 100, "every key checked within two rounds");
+    }
+
+    /// The test of `len` checks, for one split point.
+    fn each_key_checked_once_and_exactly_the_refused_dropped<const SPLIT: usize>() {
+        let mut set: SplitSet<u32, SPLIT> = (0..1_000).collect();
+        let mut seen = sweep_recording(&mut set, 250, |k| k % 3 != 0);
+        seen.sort();
+        assert_eq!(seen, (0..1_000).collect::<Vec<_>>(), "split at {SPLIT}");
+        let mut kept: Vec<u32> = set.iter().copied().collect();
+        kept.sort();
+        assert_eq!(kept, (0..1_000).filter(|k| k % 3 != 0).collect::<Vec<_>>());
+        assert_eq!(set.len(), kept.len());
     }
 
     #[test]
     fn len_checks_see_each_key_once_and_drop_exactly_the_refused() {
-        for split_at in [16, 100_000] {
-            let mut set: SplitSet<u32> = SplitSet::with_split_at(split_at);
-            for k in 0..1_000 {
-                set.insert(k);
-            }
-            let seen = std::cell::RefCell::new(Vec::new());
-            for _ in 0..250 {
-                set.sweep(4, |k| {
-                    seen.borrow_mut().push(*k);
-                    k % 3 != 0
-                });
-            }
-            let mut seen = seen.into_inner();
-            seen.sort();
-            assert_eq!(seen, (0..1_000).collect::<Vec<_>>(), "split at {split_at}");
-            let mut kept: Vec<u32> = set.iter().copied().collect();
-            kept.sort();
-            assert_eq!(kept, (0..1_000).filter(|k| k % 3 != 0).collect::<Vec<_>>());
-            assert_eq!(set.len(), kept.len());
-        }
+        each_key_checked_once_and_exactly_the_refused_dropped::<16>();
+        each_key_checked_once_and_exactly_the_refused_dropped::<100_000>();
     }
 }
