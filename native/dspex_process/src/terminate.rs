@@ -331,9 +331,11 @@ impl Pinned {
         let raw = self.identity.pid.as_raw();
         match Stat::read(raw) {
             Ok(s) => Ok(s.start_time == self.identity.start_time && !s.has_exited()),
-            Err(Error::NoSuchProcess(_)) if !sys::pid_exists(raw) => Ok(false),
-            Err(Error::NoSuchProcess(_)) => Err(libc::EACCES),
-            Err(e) => Err(e.errno()),
+            // Without a pidfd (this path has none): what the failed read says.
+            Err(e) => match unreadable(raw, None, e) {
+                Outcome::Unverifiable(errno) => Err(errno as i32),
+                _ => Ok(false), // AlreadyGone, its only other answer
+            },
         }
     }
 
