@@ -169,20 +169,32 @@ defmodule DSPexProcess.Test.OSProcess do
     {pid, start_time(pid)}
   end
 
+  # The shell's child once it runs Python: `--linger` as an argument of its own (the
+  # shell's fork before the exec carries the marker too, and `--linger` inside its script
+  # text). Looked for once per poll, and the pid found is the one returned.
   defp wait_for_child_of_shell(marker) do
     finder = fn ->
-      with [shell | _] <- pids_with_arg(marker),
-           {:ok, kids} <- File.read("/proc/#{shell}/task/#{shell}/children"),
-           [kid | _] <- String.split(kids),
-           {:ok, cmd} <- File.read("/proc/#{kid}/cmdline"),
-           true <- String.contains?(cmd, "--linger") do
-        String.to_integer(kid)
-      else
-        _ -> nil
-      end
+      Enum.find_value(pids_with_arg(marker), fn shell ->
+        with {:ok, kids} <- File.read("/proc/#{shell}/task/#{shell}/children"),
+             [kid | _] <- String.split(kids),
+             {:ok, cmd} <- File.read("/proc/#{kid}/cmdline"),
+             true <- "--linger" in String.split(cmd, <<0>>) do
+          String.to_integer(kid)
+        else
+          _ -> nil
+        end
+      end)
     end
 
-    if eventually(fn -> finder.() end, 5_000), do: {:ok, finder.()}, else: :error
+    deadline = System.monotonic_time(:millisecond) + 5_000
+
+    Stream.repeatedly(fn -> finder.() end)
+    |> Stream.each(fn found -> if !found, do: Process.sleep(10) end)
+    |> Enum.find(fn found -> found || System.monotonic_time(:millisecond) > deadline end)
+    |> case do
+      nil -> :error
+      pid -> {:ok, pid}
+    end
   end
 
   # Processes with `arg` as one of their argv elements (only ever a marker unique to a test).
